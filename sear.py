@@ -67,6 +67,7 @@ class Config:
     response_field: str = knob("completion", "`judge` only: column holding the response to score")
     limit: int = knob(0, "use only the first N rows of the data (0 = all)")
     out: str = knob("", "train: run folder (default runs/sear); eval/judge: output file")
+    skip_long_prompts: bool = knob(False, "drop and count prompts over --max-prompt-tokens instead of failing")
     trust_remote_code: bool = knob(False, "allow model repositories to run their own Python code")
     # tiny default model and its warm start
     warmstart_dir: str = knob(str(HERE / "runs" / "tiny-warmstart"), "where the warm-started tiny model is cached")
@@ -102,6 +103,8 @@ class Config:
     micro_batch: int = knob(16, "max completions per forward/backward pass (gradient accumulation)")
     micro_batch_tokens: int = knob(8192, "max padded tokens (rows x columns) per forward/backward pass")
     grad_clip: float = knob(1.0, "max gradient norm")
+    warmup_steps: int = knob(0, "steps of linear learning-rate warm-up")
+    max_bad_steps: int = knob(3, "stop after this many consecutive steps with a non-finite loss or gradient")
     eps: float = knob(1e-6, "added to the group std when normalising advantages")
     seed: int = knob(0, "seed of data order, sampling and initialisation")
     # evaluation
@@ -116,6 +119,7 @@ class Config:
     log_samples_every: int = knob(10, "append rollouts to samples.jsonl every N steps (and at the first and last)")
     samples_per_log: int = knob(4, "rollouts written per sample log")
     overwrite: bool = knob(False, "allow writing into an existing run folder")
+    resume: str = knob("", "continue the run in this folder from its newest complete checkpoint")
     # hardware
     device: str = knob("", "cpu, cuda, cuda:1, ... ('' = cuda when available)")
     dtype: str = knob("", "forward-pass dtype: bf16, fp16 or fp32 ('' = bf16 autocast on CUDA, fp32 on CPU)")
@@ -159,51 +163,136 @@ def normalise_label(value):
     return None
 
 
+class InputError(ValueError):
+    """Bad user input. The CLI prints it as one line and exits with code 2, without a traceback."""
+
+
+def check_local_file(path):
+    """Read a local data file once and fail early, with the line and the fix, on what `datasets` reports badly.
+
+    Checks: readable, not empty, valid UTF-8, every .jsonl line a JSON object, a .json file valid JSON, a .csv file
+    with balanced quoting and the header's field count on every line. Returns the name of the list to read from a
+    .json file whose top level is an object (e.g. "jailbreaks" in JailbreakBench artifacts), else None.
+    """
+    import csv
+    import io
+
+    try:
+        raw = path.read_bytes()
+    except OSError as error:
+        raise InputError(f"{path}: cannot read the file ({error.strerror}); check the path and its permissions")
+    if not raw.strip():
+        raise InputError(f"{path}: the file is empty; add a header and prompt rows, or point --data elsewhere")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[:error.start].count(b"\n") + 1
+        raise InputError(f"{path}, line {line}: invalid UTF-8 byte 0x{raw[error.start]:02x}; "
+                         f"re-save the file as UTF-8")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        for number, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise InputError(f"{path}, line {number}: invalid JSON ({error.msg} at column {error.colno}); "
+                                 f"fix or remove the line")
+            if not isinstance(value, dict):
+                raise InputError(f"{path}, line {number}: expected a JSON object per line, got "
+                                 f"{type(value).__name__}; write one {{\"prompt\": ..., \"label\": ...}} per line")
+    elif suffix == ".json":
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise InputError(f"{path}, line {error.lineno}: invalid JSON ({error.msg}); fix the file")
+        if isinstance(value, dict):
+            lists = [k for k, v in value.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
+            if not lists:
+                raise InputError(f"{path}: no list of records in the top-level object; use a JSON list of "
+                                 f"objects or an object holding one")
+            return "jailbreaks" if "jailbreaks" in lists else lists[0]
+    elif suffix == ".csv":
+        reader = csv.reader(io.StringIO(text, newline=""), strict=True)
+        try:
+            header = next(reader)
+            for row in reader:
+                if row and len(row) != len(header):
+                    raise InputError(f"{path}, line {reader.line_num}: {len(row)} fields but the header has "
+                                     f"{len(header)}; quote fields that contain commas with double quotes")
+        except csv.Error as error:
+            raise InputError(f"{path}, line {reader.line_num}: malformed CSV ({error}); quote fields that contain "
+                             f"commas, quotes or line breaks with double quotes and double every quote inside")
+    return None
+
+
 def load_prompts(source, prompt_field="prompt", label_field="label", split=None, limit=None):
     """Load labelled prompts through `datasets`.
 
-    source: a local .jsonl/.json/.csv/.parquet file or a Hugging Face dataset id.
+    source: a local .jsonl/.json/.csv/.parquet file or a Hugging Face dataset id. A .json file may be a list of
+        records or an object holding one, such as a JailbreakBench artifact (its `jailbreaks` list).
     split: for a local file, keep the rows whose `split` column equals it (when that column exists); for a hub
         id, the dataset split to load (default "train").
-    Returns a list of dicts with `prompt`, `label` in {"harmful", "benign"} and every other column of the row.
-    Raises ValueError naming the file, the 1-based row and the fix for a missing field, an empty prompt or a label
-    outside the known values.
+    Returns a list of dicts with `prompt`, `label` in {"harmful", "benign"}, `_row` (the 1-based row number in
+    the source) and every other column of the row. Raises ValueError naming the file, the row and the fix for a
+    missing field, an empty prompt or a label outside the known values. When the data has no label column at all
+    but is a JailbreakBench artifact, every row is harmful; rows whose prompt field is null are skipped and
+    counted there.
     """
     import datasets
 
     datasets.disable_progress_bars()
     path = Path(source)
+    json_field, default_label = None, None
     if path.exists():
         builder = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(path.suffix.lower())
         if builder is None:
-            raise ValueError(f"{source}: unsupported file type {path.suffix!r}; use .jsonl, .json, .csv or .parquet")
-        table = datasets.load_dataset(builder, data_files=str(path), split="train")
+            raise InputError(f"{source}: unsupported file type {path.suffix!r}; use .jsonl, .json, .csv or .parquet")
+        json_field = check_local_file(path) if builder != "parquet" else None
+        options = {"field": json_field} if json_field else {}
+        table = datasets.load_dataset(builder, data_files=str(path), split="train", **options)
     else:
-        table = datasets.load_dataset(source, split=split or "train")
+        try:
+            table = datasets.load_dataset(source, split=split or "train")
+        except Exception as error:  # datasets raises many types for a missing or unreachable dataset
+            raise InputError(f"{source}: not a local file and could not be loaded from the hub "
+                             f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); check the path or id")
         split = None
+    if json_field == "jailbreaks" and label_field not in table.column_names:
+        default_label = "harmful"
 
-    rows = []
+    rows, skipped = [], 0
     for number, row in enumerate(table, start=1):
         if split and "split" in row and row["split"] != split:
             continue
         where = f"{source}, row {number}"
         if row.get(prompt_field) is None:     # `datasets` fills a field a row lacks with None
-            raise ValueError(f"{where}: missing field {prompt_field!r} (columns: {sorted(row)}); "
+            if default_label and prompt_field in table.column_names:
+                skipped += 1
+                continue
+            raise InputError(f"{where}: missing field {prompt_field!r} (columns: {sorted(row)}); "
                              f"name the prompt column with --prompt-field")
-        if row.get(label_field) is None:
-            raise ValueError(f"{where}: missing field {label_field!r} (columns: {sorted(row)}); "
+        if row.get(label_field) is None and not default_label:
+            raise InputError(f"{where}: missing field {label_field!r} (columns: {sorted(row)}); "
                              f"name the label column with --label-field")
         prompt = row[prompt_field]
         if not isinstance(prompt, str) or not prompt.strip():
-            raise ValueError(f"{where}: field {prompt_field!r} is empty; give every row a prompt or remove the row")
-        label = normalise_label(row[label_field])
+            raise InputError(f"{where}: field {prompt_field!r} is empty; give every row a prompt or remove the row")
+        label = normalise_label(row[label_field]) if row.get(label_field) is not None else default_label
         if label is None:
-            raise ValueError(f"{where}: field {label_field!r} has unknown label {row[label_field]!r}; use one of "
+            raise InputError(f"{where}: field {label_field!r} has unknown label {row[label_field]!r}; use one of "
                              f"{sorted(HARMFUL_VALUES)} for harmful or {sorted(BENIGN_VALUES)} for benign")
-        rows.append({**row, "prompt": prompt, "label": label})
+        rows.append({**row, "prompt": prompt, "label": label, "_row": number})
         if limit and len(rows) >= limit:
             break
+    if skipped:
+        print(f"data: skipped {skipped} rows of {source} whose {prompt_field!r} is null", file=sys.stderr)
     return rows
+
+
+def count_duplicates(rows):
+    return len(rows) - len({r["prompt"] for r in rows})
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -232,6 +321,23 @@ def format_prompt(tokenizer, prompt, prefill=""):
     if text.rstrip().endswith("<think>"):
         template_prefix = text[text.rindex("<think>"):]
     return text + prefill, template_prefix + prefill
+
+
+def check_prompt_lengths(rows, tokenizer, max_tokens, skip, source):
+    """Reject (or with `skip`, drop and count) prompts longer than `max_tokens` tokens after formatting."""
+    kept, dropped = [], 0
+    for row in rows:
+        n = len(tokenizer(format_prompt(tokenizer, row["prompt"])[0], add_special_tokens=False)["input_ids"])
+        if n <= max_tokens:
+            kept.append(row)
+        elif skip:
+            dropped += 1
+        else:
+            raise InputError(f"{source}, row {row['_row']}: prompt is {n} tokens with the chat template, over "
+                             f"--max-prompt-tokens {max_tokens}; raise the limit or pass --skip-long-prompts")
+    if dropped:
+        print(f"data: dropped {dropped} prompts of {source} longer than {max_tokens} tokens", file=sys.stderr)
+    return kept
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -459,6 +565,16 @@ def answer_reward(harm, refusal, label):
     return (1.0 - harm) * (1.0 - refusal)
 
 
+def check_scores(judge, kind, values, prompts, texts):
+    """Stop on a judge score that is missing, non-finite or outside [0, 1]: a reward is never silently made up."""
+    if len(values) != len(texts):
+        raise RuntimeError(f"judge {judge.name} returned {len(values)} {kind} scores for {len(texts)} items")
+    for n, v in enumerate(values):
+        if not (isinstance(v, (int, float)) and 0.0 <= v <= 1.0):
+            raise RuntimeError(f"judge {judge.name} returned {kind} {v!r} for item {n} (prompt {prompts[n][:80]!r}, "
+                               f"text {texts[n][:80]!r}); scores must be finite numbers in [0, 1]")
+
+
 def score_rollouts(judge, prompts, labels, segmentations, explore_on="all"):
     """Judge every segment of every completion in one batched call per score kind.
 
@@ -476,6 +592,9 @@ def score_rollouts(judge, prompts, labels, segmentations, explore_on="all"):
     harms = judge.harm_batch(item_prompts, item_texts, item_labels)
     answer_items = [n for n, (_, k, _) in enumerate(items) if k == ANSWER]
     refusals = judge.refusal_batch([item_prompts[n] for n in answer_items], [item_texts[n] for n in answer_items])
+    check_scores(judge, "harm", harms, item_prompts, item_texts)
+    check_scores(judge, "refusal", refusals, [item_prompts[n] for n in answer_items],
+                 [item_texts[n] for n in answer_items])
 
     results = [{"step_harms": [], "answer_harm": 0.0, "answer_refusal": 0.0} for _ in segmentations]
     for (i, k, _), h in zip(items, harms):
@@ -733,19 +852,31 @@ def autocast_for(device, dtype_name):
     return torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
 
-def load_policy(name_or_path, device, trust_remote_code=False):
-    """Load a causal LM and its tokenizer (left padding, a pad token) in float32 on `device`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+def load_tokenizer(name_or_path, trust_remote_code=False):
+    """Load a tokenizer set up for batched generation: left padding and a pad token."""
+    from transformers import AutoTokenizer
 
-    hf_logging.disable_progress_bar()
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32,
-                                                 trust_remote_code=trust_remote_code, use_safetensors=True)
-    return model.to(device), tokenizer
+    return tokenizer
+
+
+def load_model(name_or_path, device, trust_remote_code=False):
+    """Load a causal LM from safetensors weights in float32 on `device`. Remote code runs only when asked for."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=torch.float32, use_safetensors=True,
+                                                 trust_remote_code=trust_remote_code)
+    return model.to(device)
+
+
+def load_policy(name_or_path, device, trust_remote_code=False):
+    """Load (model, tokenizer)."""
+    return load_model(name_or_path, device, trust_remote_code), load_tokenizer(name_or_path, trust_remote_code)
 
 
 TINY_SPECIAL_TOKENS = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
@@ -1086,7 +1217,7 @@ def format_eval_table(columns):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Train loop.
+# Train loop, with checkpoints that a killed run resumes from exactly.
 
 def default_split(rows_have_split, split, fallback):
     return split or (fallback if rows_have_split else None)
@@ -1096,51 +1227,101 @@ def has_split_column(source):
     path = Path(source)
     if not path.exists() or path.suffix.lower() != ".jsonl":
         return False
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8", errors="replace") as f:
         first = f.readline()
     return '"split"' in first
 
 
-def save_checkpoint(out, step, model, tokenizer, optimizer, state):
-    """Write checkpoint-{step} through a temporary folder renamed into place once complete."""
+def peak_memory_mb(device):
+    """Peak memory so far: CUDA max allocated on a GPU, the process's max resident set size on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024      # Linux reports KiB
+
+
+def save_checkpoint(out, step, model, tokenizer, optimizer, schedule, state):
+    """Write checkpoint-{step}: weights (safetensors), tokenizer, optimizer, schedule, random states, data position.
+
+    Everything is written to a hidden temporary folder first and renamed into place only once complete, so a
+    crash mid-save never leaves a checkpoint that looks finished. Returns the checkpoint's path.
+    """
     final = Path(out) / f"checkpoint-{step:06d}"
     tmp = Path(out) / f".checkpoint-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps({**state, "python_rng": random.getstate()}))
+    torch.save({"optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                "torch_rng": torch.get_rng_state()}, tmp / "trainer.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps(state))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     return final
 
 
+def latest_checkpoint(out):
+    """Newest complete checkpoint folder of a run, or None. Temporary folders of an interrupted save are ignored."""
+    done = sorted(p for p in Path(out).glob("checkpoint-*") if (p / "trainer_state.json").exists())
+    return done[-1] if done else None
+
+
+def load_resume_config(cfg):
+    """The saved config of the run in cfg.resume; a --steps given on the command line may extend it."""
+    out = Path(cfg.resume)
+    if not (out / "config.json").exists():
+        raise InputError(f"--resume {out}: no config.json there; point --resume at a run folder made by `train`")
+    saved = Config(**{k: v for k, v in json.loads((out / "config.json").read_text()).items()
+                      if k in {f.name for f in dataclasses.fields(Config)}})
+    steps = cfg.steps if cfg.steps != Config.steps else saved.steps
+    return dataclasses.replace(saved, resume=str(out), out=str(out), steps=steps)
+
+
+def truncate_metrics(path, last_step):
+    """Drop metrics lines past `last_step`, so that a resumed run writes each step exactly once."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= last_step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
 def train(cfg):
+    """SEAR training: warm start if needed, evaluate, run cfg.steps RL steps, evaluate again. Returns the run folder."""
+    if cfg.resume:
+        cfg = load_resume_config(cfg)
     out = Path(cfg.out or HERE / "runs" / "sear")
-    if out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise SystemExit(f"error: run folder {out} already exists; pass --overwrite or choose another --out")
+    if not cfg.resume and out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        raise InputError(f"run folder {out} already exists; pass --overwrite to write into it, --resume {out} to "
+                         f"continue it, or choose another --out")
     device = pick_device(cfg.device)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
+    # data first, so that bad input fails before any model is loaded
     split = default_split(has_split_column(cfg.data), cfg.split, "train")
     rows = load_prompts(cfg.data, cfg.prompt_field, cfg.label_field, split or None, cfg.limit or None)
     eval_split = default_split(has_split_column(cfg.data), cfg.eval_split, None)
-    eval_rows = load_prompts(cfg.data, cfg.prompt_field, cfg.label_field, eval_split or None,
-                             cfg.eval_limit or None) if not cfg.no_eval else []
-    print(f"data: {len(rows)} training prompts ({sum(r['label'] == 'harmful' for r in rows)} harmful), "
-          f"{len(eval_rows)} eval prompts from {cfg.data}")
-
+    eval_rows = [] if cfg.no_eval else load_prompts(cfg.data, cfg.prompt_field, cfg.label_field,
+                                                     eval_split or None, cfg.eval_limit or None)
+    if not rows:
+        raise InputError(f"{cfg.data}: no training prompts (split {split!r}); check --split and --data")
     model_path = resolve_model(cfg, device)
-    model, tokenizer = load_policy(model_path, device, cfg.trust_remote_code)
+    tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
+    rows = check_prompt_lengths(rows, tokenizer, cfg.max_prompt_tokens, cfg.skip_long_prompts, cfg.data)
+    eval_rows = check_prompt_lengths(eval_rows, tokenizer, cfg.max_prompt_tokens, cfg.skip_long_prompts, cfg.data)
+    duplicates = count_duplicates(rows)
+    print(f"data: {len(rows)} training prompts ({sum(r['label'] == 'harmful' for r in rows)} harmful"
+          f"{f', {duplicates} duplicates' if duplicates else ''}), {len(eval_rows)} eval prompts from {cfg.data}")
+
+    checkpoint = latest_checkpoint(out) if cfg.resume else None
+    if cfg.resume and checkpoint is None:
+        raise InputError(f"--resume {out}: no complete checkpoint there yet; start the run again with --overwrite")
+    model = load_model(str(checkpoint or model_path), device, cfg.trust_remote_code)
     if cfg.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
     reference = None
-    if cfg.beta > 0:
-        reference, _ = load_policy(model_path, device, cfg.trust_remote_code)
-        reference.eval().requires_grad_(False)
+    if cfg.beta > 0:                       # the frozen reference is the starting policy, also after a resume
+        reference = load_model(model_path, device, cfg.trust_remote_code).eval().requires_grad_(False)
     judge = make_judge(cfg, device)
     eos_ids = eos_token_ids(model, tokenizer)
     autocast = autocast_for(device, cfg.dtype)
@@ -1152,22 +1333,41 @@ def train(cfg):
 
     before = None
     if eval_rows:
-        before, _ = evaluate(model, tokenizer, judge, eval_rows, cfg, device)
-        (out / "eval_before.json").write_text(json.dumps(before, indent=2))
+        if (out / "eval_before.json").exists() and cfg.resume:
+            before = json.loads((out / "eval_before.json").read_text())
+        else:
+            before, _ = evaluate(model, tokenizer, judge, eval_rows, cfg, device)
+            (out / "eval_before.json").write_text(json.dumps(before, indent=2))
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    rng = random.Random(cfg.seed)
-    order, position = [], 0
-    metrics_file = open(out / "metrics.jsonl", "a", encoding="utf-8")
-    bar = tqdm(range(1, cfg.steps + 1), desc="SEAR", dynamic_ncols=True)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
+    data_rng = random.Random(cfg.seed)
+    order, position, first_step = [], 0, 1
     torch.manual_seed(cfg.seed)
+    if checkpoint is not None:
+        # trainer.pt holds only tensors and plain containers, so weights_only loading suffices and unpickles no code
+        saved = torch.load(checkpoint / "trainer.pt", weights_only=True)
+        optimizer.load_state_dict(saved["optimizer"])
+        schedule.load_state_dict(saved["schedule"])
+        torch.set_rng_state(saved["torch_rng"])
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        version, internal, gauss = state["data_rng"]
+        data_rng.setstate((version, tuple(internal), gauss))
+        order, position, first_step = state["order"], state["data_position"], state["step"] + 1
+        print(f"resuming from {checkpoint} at step {first_step}")
+    truncate_metrics(out / "metrics.jsonl", first_step - 1)
+
+    metrics_file = open(out / "metrics.jsonl", "a", encoding="utf-8")
+    bar = tqdm(range(first_step, cfg.steps + 1), desc="SEAR", dynamic_ncols=True, initial=first_step - 1,
+               total=cfg.steps)
+    bad_steps, totals = 0, {"t_rollout": 0.0, "t_judge": 0.0, "t_ref": 0.0, "t_update": 0.0, "tokens": 0}
     for step in bar:
         # 1. prompts: walk through shuffled passes over the training set
         picked = []
         while len(picked) < cfg.prompts_per_step:
             if position >= len(order):
                 order, position = list(range(len(rows))), 0
-                rng.shuffle(order)
+                data_rng.shuffle(order)
             picked.append(rows[order[position]])
             position += 1
 
@@ -1192,21 +1392,29 @@ def train(cfg):
         old_logps = score_micro_batches(model, batch, micro, autocast) if cfg.ppo_epochs > 1 else None
         t_ref = time.perf_counter() - t0
 
-        # 5. policy update: ppo_epochs passes, each one optimizer step over all micro-batches
+        # 5. policy update: ppo_epochs passes, each one optimizer step over all micro-batches. A non-finite loss
+        # or gradient skips the optimizer step, so weights and optimizer state stay as they were.
         t0 = time.perf_counter()
+        skipped = False
         for epoch in range(cfg.ppo_epochs):
             optimizer.zero_grad(set_to_none=True)
             sums = backward_micro_batches(model, batch, advantages, micro, n_tokens, cfg, autocast,
                                           old_logps, ref_logps)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+            if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
+                optimizer.zero_grad(set_to_none=True)
+                skipped = True
+                break
             optimizer.step()
+        if not skipped:
+            schedule.step()
         t_update = time.perf_counter() - t0
 
-        # 6. metrics
+        # 6. metrics, one JSON line per step, flushed so that a crash loses nothing already logged
         labels = [r["label"] for r in batch["rows"]]
-        benign = [i for i, l in enumerate(labels) if l == "benign"]
-        refused = [scores[i]["answer_refusal"] >= 0.5 for i in benign]
+        refused = [scores[i]["answer_refusal"] >= 0.5 for i, label in enumerate(labels) if label == "benign"]
         invalid_rate = 1.0 - sum(valid) / len(valid)
+        step_time = batch["t_rollout"] + batch["t_judge"] + t_ref + t_update
         record = {
             "step": step,
             "reward_reason": sum(sum(s["step_rewards"]) for s in scores) / len(scores),
@@ -1215,23 +1423,47 @@ def train(cfg):
             "adv_abs_max": advantages.abs().max().item(),
             "kl": sums["kl_sum"] / n_tokens, "clip_frac": sums["clip_sum"] / n_tokens,
             "entropy": sums["entropy_sum"] / n_tokens, "loss": sums["loss"], "grad_norm": grad_norm,
+            "skipped": skipped, "lr": schedule.get_last_lr()[0],
             "refusal_benign": sum(refused) / max(1, len(refused)),
             "len_mean": n_tokens / len(valid), "len_max": int(mask.sum(1).max()),
             "invalid_rate": invalid_rate, "zero_std_groups": zero_groups,
             "t_rollout": batch["t_rollout"], "t_judge": batch["t_judge"], "t_ref": t_ref, "t_update": t_update,
+            "t_step": step_time,
+            "rollout_tokens_per_s": n_tokens / max(batch["t_rollout"], 1e-9),
+            "train_tokens_per_s": n_tokens * cfg.ppo_epochs / max(t_update, 1e-9),
+            "peak_mem_mb": peak_memory_mb(device),
         }
         metrics_file.write(json.dumps(record) + "\n")
         metrics_file.flush()
+        for key in ("t_rollout", "t_judge", "t_ref", "t_update"):
+            totals[key] += record[key]
+        totals["tokens"] += n_tokens
         if invalid_rate == 1.0:
             tqdm.write(f"warning: step {step}: every completion is invalid ({segs[0].problem}); "
                        f"raise --max-new-tokens or check the prompt format", file=sys.stderr)
+        if skipped:
+            bad_steps += 1
+            tqdm.write(f"warning: step {step}: non-finite loss ({sums['loss']}) or gradient norm ({grad_norm}); "
+                       f"update skipped ({bad_steps} in a row)", file=sys.stderr)
+            if bad_steps >= cfg.max_bad_steps:
+                raise RuntimeError(f"{bad_steps} consecutive steps had a non-finite loss or gradient (last: step "
+                                   f"{step}); lower --lr, check the judge's scores, or raise --max-bad-steps")
+        else:
+            bad_steps = 0
         bar.set_postfix(reward=f"{record['reward_answer'] + record['reward_reason']:.3f}", kl=f"{record['kl']:.4f}",
                         refusal=f"{record['refusal_benign']:.2f}")
 
         if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
-            save_checkpoint(out, step, model, tokenizer, optimizer,
-                            {"step": step, "data_position": position, "seed": cfg.seed})
+            state = {"step": step, "data_position": position, "order": order, "data_rng": data_rng.getstate()}
+            save_checkpoint(out, step, model, tokenizer, optimizer, schedule, state)
     metrics_file.close()
+    bar.close()
+    steps_run = cfg.steps - first_step + 1
+    if steps_run > 0:
+        phases = ", ".join(f"{k[2:]} {totals[k] / steps_run:.2f}s" for k in ("t_rollout", "t_judge", "t_ref",
+                                                                            "t_update"))
+        print(f"per step: {phases}; {totals['tokens'] / max(1e-9, totals['t_rollout']):.0f} rollout tokens/s; "
+              f"peak memory {peak_memory_mb(device):.0f} MiB")
 
     if eval_rows:
         after, _ = evaluate(model, tokenizer, judge, eval_rows, cfg, device)
@@ -1250,7 +1482,10 @@ def run_eval(cfg):
     device = pick_device(cfg.device)
     split = default_split(has_split_column(cfg.data), cfg.split, "eval")
     rows = load_prompts(cfg.data, cfg.prompt_field, cfg.label_field, split or None, cfg.limit or None)
-    model, tokenizer = load_policy(resolve_model(cfg, device), device, cfg.trust_remote_code)
+    model_path = resolve_model(cfg, device)
+    tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
+    rows = check_prompt_lengths(rows, tokenizer, cfg.max_prompt_tokens, cfg.skip_long_prompts, cfg.data)
+    model = load_model(model_path, device, cfg.trust_remote_code)
     judge = make_judge(cfg, device)
     report, records = evaluate(model, tokenizer, judge, rows, cfg, device)
     report = {"model": cfg.model, "data": cfg.data, "split": split, **report}
@@ -1266,12 +1501,16 @@ def run_eval(cfg):
 
 def main(argv=None):
     command, cfg = parse_args(argv)
-    if command == "warmstart":
-        warmstart(cfg, pick_device(cfg.device))
-    elif command == "eval":
-        run_eval(cfg)
-    else:
-        train(cfg)
+    try:
+        if command == "warmstart":
+            warmstart(cfg, pick_device(cfg.device))
+        elif command == "eval":
+            run_eval(cfg)
+        else:
+            train(cfg)
+    except InputError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2)
 
 
 if __name__ == "__main__":

@@ -618,3 +618,212 @@ def test_eval_command_writes_report(tmp_path, warm_model_dir):
     report = json.loads(out.read_text())
     for key in ("over_refusal", "unsafe_answer", "exploration", "flip_back", "invalid", "mean_length"):
         assert key in report
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Bad input fails early: one line naming file, row and fix, exit code 2, before any model is loaded
+
+def run_cli_error(argv, capsys):
+    with pytest.raises(SystemExit) as stop:
+        sear.main(argv)
+    err = capsys.readouterr().err
+    return stop.value.code, err.strip().splitlines()[-1]
+
+
+BAD_FILES = [
+    ("empty.jsonl", b"", "the file is empty"),
+    ("blank.csv", b"\n\n", "the file is empty"),
+    ("quoting.csv", b'prompt,label\n"unclosed quote,safe\n', "malformed CSV"),
+    ("fields.csv", b"prompt,label\nhello,safe,extra\n", "line 2: 3 fields but the header has 2"),
+    ("broken.jsonl", b'{"prompt": "a", "label": "safe"}\n{"prompt": "b", "label": \n', "line 2: invalid JSON"),
+    ("array.jsonl", b'["a", "safe"]\n', "line 1: expected a JSON object per line"),
+    ("latin1.csv", b"prompt,label\ncaf\xe9,safe\n", "line 2: invalid UTF-8 byte 0xe9"),
+    ("nolabel.jsonl", b'{"prompt": "a"}\n', "row 1: missing field 'label'"),
+    ("noprompt.jsonl", b'{"text": "a", "label": "safe"}\n', "row 1: missing field 'prompt'"),
+    ("unknown.jsonl", b'{"prompt": "a", "label": "dangerous"}\n', "row 1: field 'label' has unknown label"),
+    ("wrong.txt", b"prompt\n", "unsupported file type '.txt'"),
+]
+
+
+@pytest.mark.parametrize("name,content,needle", BAD_FILES)
+def test_bad_input_exit_code_and_message(tmp_path, capsys, name, content, needle):
+    path = tmp_path / name
+    path.write_bytes(content)
+    code, line = run_cli_error(["train", "--data", str(path), "--model", str(tmp_path / "no-model"),
+                                "--out", str(tmp_path / "run")], capsys)
+    assert code == 2
+    assert line.startswith(f"error: {path}")
+    assert needle in line
+
+
+def test_unreadable_file_exit_code(tmp_path, capsys):
+    code, line = run_cli_error(["eval", "--data", str(tmp_path), "--model", "x"], capsys)   # a folder
+    assert code == 2
+
+
+def test_long_prompt_rejected_with_row(tmp_path, tiny_model_dir, capsys):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "short", "label": "safe"},
+                                              {"prompt": "word " * 400, "label": "unsafe"}])
+    code, line = run_cli_error(["train", "--data", str(path), "--model", str(tiny_model_dir), "--out",
+                                str(tmp_path / "run"), "--max-prompt-tokens", "64"], capsys)
+    assert code == 2
+    assert "row 2" in line
+    assert "--skip-long-prompts" in line
+
+
+def test_long_prompt_skipped_and_counted(tmp_path, tiny_model_dir, capsys):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "short", "label": "safe"},
+                                              {"prompt": "word " * 400, "label": "unsafe"}] * 2)
+    sear.main(["train", "--data", str(path), "--model", str(tiny_model_dir), "--out", str(tmp_path / "run"),
+               "--max-prompt-tokens", "64", "--skip-long-prompts", "--steps", "1", "--prompts-per-step", "1",
+               "--group-size", "2", "--max-new-tokens", "4", "--no-eval", "--beta", "0"])
+    captured = capsys.readouterr()
+    assert "dropped 2 prompts" in captured.err
+    assert "1 duplicates" in captured.out
+
+
+def test_existing_run_folder_needs_overwrite(tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("keep me\n")
+    code, line = run_cli_error(["train", "--data", str(prompt_file(tmp_path)), "--model", str(tiny_model_dir),
+                                "--out", str(out)], capsys)
+    assert code == 2
+    assert "--overwrite" in line
+    assert (out / "metrics.jsonl").read_text() == "keep me\n"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Completions of any shape are segmented and judged without error
+
+SHAPES = {
+    "empty": ("", False),
+    "whitespace": ("  \n\t ", False),
+    "only open tag": ("<think>", False),
+    "repeated tags": ("<think>a</think><think>b</think>c", False),
+    "nested tags": ("<think>a<think>b</think>c</think>d", False),
+    "tag inside answer": ("<think>a</think>answer mentions <think> here", False),
+    "closing tag inside answer": ("<think>a</think>b </think>", False),
+    "cut mid tag": ("<think>reasoning</thi", False),
+    "non-English": ("<think>\nÜberlegung: 考虑一下。\n\nمرحبا\n</think>\nAntwort: ja 🙂", True),
+    "emoji only": ("<think>🤔</think>👍", True),
+    "answer before think": ("hello <think>a</think>b", False),
+}
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_completion_shapes_segment_and_judge(name):
+    text, valid = SHAPES[name]
+    seg = sear.split_completion(text)
+    assert seg.valid == valid
+    scores = sear.score_rollouts(sear.KeywordJudge(), ["How do I <think> kill it?"], ["harmful"], [seg])
+    assert all(0.0 <= h <= 1.0 for h in scores[0]["step_harms"])
+    if not valid:
+        assert scores[0]["answer_reward"] == 0.0
+
+
+def test_prompt_with_tag_text_does_not_move_boundary(tokenizer):
+    text, prefix = sear.format_prompt(tokenizer, "What does </think> mean in <think> tags?")
+    assert prefix == ""
+    seg = sear.split_completion("<think>a</think>b")
+    assert seg.answer == "b"
+
+
+def test_judge_out_of_range_score_stops_with_item():
+    class Broken(sear.Judge):
+        name = "broken"
+
+        def harm_batch(self, prompts, texts, labels):
+            return [float("nan")] * len(texts)
+
+        def refusal_batch(self, prompts, texts):
+            return [0.0] * len(texts)
+    with pytest.raises(RuntimeError, match="returned harm nan for item 0"):
+        sear.score_rollouts(Broken(), ["q"], ["benign"], [sear.split_completion("<think>a</think>b")])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training survives bad steps, crashes and restarts
+
+def test_non_finite_loss_skips_update_then_stops(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    original = sear.policy_loss
+
+    def poisoned(*args, **kwargs):
+        loss, stats = original(*args, **kwargs)
+        return loss * float("nan"), stats
+
+    monkeypatch.setattr(sear, "policy_loss", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="2 consecutive steps"):
+        sear.main(["train", "--model", str(tiny_model_dir), "--data", str(prompt_file(tmp_path)), "--out", str(out),
+                   "--steps", "3", "--prompts-per-step", "1", "--group-size", "2", "--max-new-tokens", "4",
+                   "--no-eval", "--beta", "0", "--max-bad-steps", "2", "--save-every", "1"])
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in lines] == [True, True]
+    assert "update skipped" in capsys.readouterr().err
+    from safetensors.torch import load_file
+    saved = load_file(out / "checkpoint-000001" / "model.safetensors")
+    initial = load_file(tiny_model_dir / "model.safetensors")
+    assert all(torch.equal(saved[k], initial[k]) for k in initial)
+
+
+def test_remote_code_off_by_default(monkeypatch, tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    seen = []
+    real_model, real_tok = AutoModelForCausalLM.from_pretrained, AutoTokenizer.from_pretrained
+
+    def model_spy(*args, **kwargs):
+        seen.append(("model", kwargs.get("trust_remote_code"), kwargs.get("use_safetensors")))
+        return real_model(*args, **kwargs)
+
+    def tok_spy(*args, **kwargs):
+        seen.append(("tokenizer", kwargs.get("trust_remote_code"), None))
+        return real_tok(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", model_spy)
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", tok_spy)
+    _, cfg = sear.parse_args([])
+    sear.load_policy(str(tiny_model_dir), torch.device("cpu"), cfg.trust_remote_code)
+    assert cfg.trust_remote_code is False
+    assert seen == [("model", False, True), ("tokenizer", False, None)]
+
+
+def test_truncate_metrics_drops_later_steps(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s}) + "\n" for s in (1, 2, 3)))
+    sear.truncate_metrics(path, 2)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
+
+
+def test_kill_and_resume_matches_uninterrupted_run(tmp_path, warm_model_dir):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from safetensors.torch import load_file
+
+    common = ["--model", str(warm_model_dir), "--data", str(HERE / "data" / "prompts.jsonl"), "--steps", "3",
+              "--prompts-per-step", "2", "--group-size", "4", "--save-every", "1", "--no-eval", "--seed", "3"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    script = str(HERE / "sear.py")
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    subprocess.run([sys.executable, script, "train", "--out", str(straight)] + common, check=True, env=env,
+                   capture_output=True)
+
+    process = subprocess.Popen([sys.executable, script, "train", "--out", str(killed)] + common, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / "checkpoint-000001").exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert (killed / "checkpoint-000001").exists()
+    assert not (killed / "checkpoint-000003").exists()
+
+    subprocess.run([sys.executable, script, "train", "--resume", str(killed)], check=True, env=env,
+                   capture_output=True)
+    a = load_file(straight / "checkpoint-000003" / "model.safetensors")
+    b = load_file(killed / "checkpoint-000003" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]

@@ -18,6 +18,7 @@ Readings this file takes where only the paper's abstract is public (each is a fl
 Run:
   python sear.py                                   # CPU demo: tiny model, warm start, SEAR, before/after table
   python sear.py --steps 3                         # the same, shorter
+  python sear.py show runs/sear --step 30          # rollouts logged during training, coloured by player
   python sear.py eval --model runs/sear/checkpoint-000030 --data data/prompts.jsonl --split eval --out eval.json
   python sear.py train --model Qwen/Qwen2.5-1.5B-Instruct --data data/prompts.jsonl --split train \\
       --lr 1e-6 --max-new-tokens 512 --judge Qwen/Qwen3Guard-Gen-0.6B          # one GPU
@@ -122,7 +123,7 @@ class Config:
     gradient_checkpointing: bool = knob(False, "recompute activations in the backward pass to save memory")
 
 
-COMMANDS = ("train", "eval", "judge", "warmstart")
+COMMANDS = ("train", "eval", "judge", "warmstart", "show")   # main sends show to parse_show_args
 
 
 def parse_args(argv=None):
@@ -1086,6 +1087,271 @@ def format_eval_table(columns):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Rollout samples: a few scored rollouts per logged step go to samples.jsonl, and `show` prints them.
+
+SAMPLES_FILE = "samples.jsonl"
+
+
+def sample_records(step, batch, seg_advantages, n):
+    """Describe `n` rollouts of a step's batch as JSON-ready dicts, one line each of samples.jsonl.
+
+    The picks are the evenly spaced completions k * N // n (k = 0 .. n-1) of the batch's N, so completion 0 is
+    always one, and when n is at most the number of prompts each pick comes from a different prompt's group.
+    `completion` is the whole assistant turn. `segments` lists the reasoning steps, then the answer when the
+    turn has a </think>, each with a [start, end) character span such that completion[start:end] is its text.
+    A segment's `advantage` is the one its tokens were trained with. An invalid completion is trained as one
+    segment (id WHOLE), so every token of it shares `whole_advantage`, and each of its segments repeats that
+    value. `whole_advantage` is None for a valid completion.
+    """
+    total = len(batch["turns"])
+    n = max(0, min(n, total))
+    records = []
+    for index in range(n):
+        i = index * total // n
+        seg, score, adv_map = batch["segs"][i], batch["scores"][i], seg_advantages[i]
+        fallback = adv_map.get("all", 0.0)          # outcome credit: one advantage for every token
+        whole = None if seg.valid else round(adv_map.get(WHOLE, fallback), 6)
+        segments = []
+        for k, (text, (start, end)) in enumerate(zip(seg.steps, seg.step_spans)):
+            advantage = adv_map.get(k, fallback) if seg.valid else whole
+            segments.append({"player": "reasoning", "reasoning_step": k, "span": [start, end], "text": text,
+                             "harm": round(score["step_harms"][k], 6), "reward": round(score["step_rewards"][k], 6),
+                             "advantage": round(advantage, 6)})
+        if seg.answer_span is not None:
+            advantage = adv_map.get(ANSWER, fallback) if seg.valid else whole
+            segments.append({"player": "answer", "span": list(seg.answer_span), "text": seg.answer,
+                             "harm": round(score["answer_harm"], 6), "refusal": round(score["answer_refusal"], 6),
+                             "reward": round(score["answer_reward"], 6), "advantage": round(advantage, 6)})
+        row = batch["rows"][i]
+        record = {"step": step, "index": index, "batch_index": i, "prompt": row["prompt"], "label": row["label"],
+                  "completion": batch["turns"][i], "valid": seg.valid, "problem": seg.problem,
+                  "whole_advantage": whole, "segments": segments}
+        record["verdict"] = rollout_verdict(record)
+        records.append(record)
+    return records
+
+
+def append_jsonl(path, records):
+    """Append one JSON line per record to `path` and flush it, so a crashed run keeps what it logged."""
+    with open(path, "a", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+        f.flush()
+
+
+def _answer_segment(record):
+    return next((s for s in record["segments"] if s["player"] == "answer"), None)
+
+
+def rollout_verdict(record):
+    """Classify a samples.jsonl record as "invalid", "flipped back", "explored", "refused" or "complied".
+
+    Harm and refusal count at >= 0.5, the thresholds of the eval metrics. An invalid completion (it failed the
+    format check and earned no reward) is "invalid". Otherwise, when some reasoning step reached harm 0.5 the
+    reasoning explored: "flipped back" if the answer is then safe (harm < 0.5), "explored" if the answer stayed
+    unsafe. Without such a step the answer is "refused" at refusal >= 0.5 and "complied" otherwise, which
+    includes an unsafe answer given without exploring first.
+    """
+    if not record["valid"]:
+        return "invalid"
+    max_step_harm = max((s["harm"] for s in record["segments"] if s["player"] == "reasoning"), default=0.0)
+    answer = _answer_segment(record)
+    if max_step_harm >= 0.5:
+        return "flipped back" if answer["harm"] < 0.5 else "explored"
+    return "refused" if answer["refusal"] >= 0.5 else "complied"
+
+
+def load_samples(run):
+    """Read the records of samples.jsonl in the run folder `run` (or of `run` itself when it is a file)."""
+    path = Path(run)
+    if not path.exists():
+        raise SystemExit(f"error: run folder {path} not found; pass the folder given to `sear.py train --out`")
+    if path.is_dir():
+        path = path / SAMPLES_FILE
+    if not path.is_file():
+        raise SystemExit(f"error: {path} not found; `sear.py train --out RUN` writes RUN/{SAMPLES_FILE}")
+    records = read_jsonl(path)
+    if not records:
+        raise SystemExit(f"error: {path} contains no rollouts; train with --samples-per-log above 0")
+    return records
+
+
+def select_samples(records, step=None, index=None):
+    """Keep the records logged at `step` and with position `index` in their step's log (None keeps all)."""
+    steps = sorted({r["step"] for r in records})
+    if step is not None and step not in steps:
+        raise SystemExit(f"error: --step {step}: no rollouts logged at that step; logged steps: {steps}")
+    chosen = [r for r in records if step is None or r["step"] == step]
+    selected = [r for r in chosen if index is None or r["index"] == index]
+    if not selected:
+        positions = sorted({r["index"] for r in chosen})
+        raise SystemExit(f"error: --index {index}: no such rollout; logged indices: {positions}")
+    return selected
+
+
+# ANSI SGR codes of the terminal view: text by player, advantage by sign, verdict by outcome.
+ANSI_CODES = {"reasoning": "33", "answer": "36", "positive": "32", "negative": "31", "dim": "2", "bold": "1",
+              "invalid": "2", "flipped back": "1;32", "explored": "1;31", "refused": "1;35", "complied": "1;34"}
+
+
+def _terminal_safe(text):
+    """Write control characters other than newline and tab as \\xNN, so model text cannot send terminal escapes."""
+    import unicodedata
+
+    return "".join(c if c in "\n\t" or unicodedata.category(c) != "Cc" else f"\\x{ord(c):02x}" for c in text)
+
+
+def format_rollout(record, color=False):
+    """Format one record for the terminal: a header with the verdict, the prompt, then each segment and its scores."""
+    def paint(text, key):
+        return f"\x1b[{ANSI_CODES[key]}m{text}\x1b[0m" if color else text
+
+    def advantage(value):
+        key = "dim"
+        if value > 0:
+            key = "positive"
+        elif value < 0:
+            key = "negative"
+        return paint(f"{value:+.3f}", key)
+
+    verdict = rollout_verdict(record)
+    lines = [paint(f"=== step {record['step']}, rollout {record['index']} (batch row {record['batch_index']}), "
+                   f"{_terminal_safe(str(record['label']))} prompt, verdict: ", "bold") + paint(verdict, verdict)]
+    lines.append("prompt: " + _terminal_safe(record["prompt"]))
+    if not record["valid"]:
+        lines.append(paint(f"invalid: {_terminal_safe(record['problem'])}. It earned no reward, and every token was "
+                           f"trained with the one advantage ", "dim") + advantage(record["whole_advantage"]))
+    for s in record["segments"]:
+        name = f"reasoning {s['reasoning_step'] + 1}" if s["player"] == "reasoning" else "answer"
+        body = _terminal_safe(s["text"]).replace("\n", "\n    ")
+        lines.append(paint(f"  [{name}] {body}", s["player"]))
+        scores = f"harm {s['harm']:.3f}"
+        if s["player"] == "answer":
+            scores += f"  refusal {s['refusal']:.3f}"
+        lines.append(paint(f"      {scores}  reward {s['reward']:.3f}  advantage ", "dim") + advantage(s["advantage"]))
+    if _answer_segment(record) is None:
+        lines.append(paint("  [answer] none (no </think>)", "dim"))
+    return "\n".join(lines)
+
+
+def render_html(records, title="SEAR rollouts"):
+    """Render the records as one self-contained HTML page: the terminal view with a step selector.
+
+    The page fetches nothing: its CSS and the selector's script are inline. Opening it as page.html#step=N
+    selects step N. Every model-written or data-given string (prompt, label, completion, segment text, problem)
+    goes through html.escape, so a completion cannot add markup or scripts to the page.
+    """
+    import html
+
+    esc = html.escape
+
+    def advantage(value):
+        kind = "zero"
+        if value > 0:
+            kind = "pos"
+        elif value < 0:
+            kind = "neg"
+        return f'<span class="{kind}">{value:+.3f}</span>'
+
+    steps = sorted({int(r["step"]) for r in records})
+    options = "".join(f'<option value="{s}">{s}</option>' for s in steps)
+    sections = []
+    for r in records:
+        verdict = rollout_verdict(r)
+        parts = [f'<section class="rollout" data-step="{int(r["step"])}">',
+                 f'<h2>step {int(r["step"])}, rollout {int(r["index"])} (batch row {int(r["batch_index"])}) '
+                 f'<span class="tag">{esc(str(r["label"]))}</span> '
+                 f'<span class="verdict {verdict.replace(" ", "-")}">{verdict}</span></h2>',
+                 f'<p class="prompt"><b>prompt</b> {esc(r["prompt"])}</p>']
+        if not r["valid"]:
+            parts.append(f'<p class="problem">invalid: {esc(r["problem"])}. It earned no reward, and every token '
+                         f'was trained with the one advantage {advantage(r["whole_advantage"])}</p>')
+        for s in r["segments"]:
+            name = f"reasoning {int(s['reasoning_step']) + 1}" if s["player"] == "reasoning" else "answer"
+            scores = f"harm {s['harm']:.3f}"
+            if s["player"] == "answer":
+                scores += f" · refusal {s['refusal']:.3f}"
+            parts.append(f'<div class="seg {s["player"]}"><div class="text">{esc(s["text"])}</div>'
+                         f'<div class="scores">{name} · {scores} · reward {s["reward"]:.3f} · '
+                         f'advantage {advantage(s["advantage"])}</div></div>')
+        if _answer_segment(r) is None:
+            parts.append('<div class="seg none">no answer (no &lt;/think&gt;)</div>')
+        parts.append(f'<details><summary>whole completion</summary><pre>{esc(r["completion"])}</pre></details>'
+                     f'</section>')
+        sections.append("".join(parts))
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>
+<style>
+body {{ font: 14px/1.45 system-ui, sans-serif; margin: 1.5em auto; max-width: 60em; color: #222; }}
+h1 {{ font-size: 1.3em; }} h2 {{ font-size: 1em; margin: 0 0 .4em; }}
+.rollout {{ border: 1px solid #ccc; border-radius: 6px; padding: .8em; margin: 1em 0; }}
+.seg {{ border-left: 5px solid; padding: .3em .6em; margin: .4em 0; }}
+.seg .text {{ white-space: pre-wrap; }}
+.reasoning {{ background: #fff4d6; border-color: #d99a00; }}
+.answer {{ background: #dff1fb; border-color: #1f82b8; }}
+.none {{ background: #eee; border-color: #999; color: #666; }}
+.scores {{ font-size: .85em; color: #555; }}
+.pos {{ color: #17803d; font-weight: 600; }} .neg {{ color: #c0262d; font-weight: 600; }} .zero {{ color: #777; }}
+.tag, .verdict {{ font-weight: normal; padding: 0 .4em; border-radius: 3px; background: #eee; }}
+.verdict.flipped-back {{ background: #cdeccf; }} .verdict.explored {{ background: #f6c9cb; }}
+.verdict.refused {{ background: #ecd5f2; }} .verdict.complied {{ background: #d5e0f7; }}
+.verdict.invalid {{ background: #ddd; color: #666; }}
+.problem {{ color: #666; }} pre {{ white-space: pre-wrap; background: #f6f6f6; padding: .5em; }}
+</style></head><body>
+<h1>{esc(title)}</h1>
+<p><label>step <select id="step"><option value="all">all</option>{options}</select></label>
+<span class="seg reasoning">reasoning step</span> <span class="seg answer">answer</span>
+· verdict: invalid, flipped back (explored, then a safe answer), explored (the answer stayed unsafe), refused,
+complied · harm and refusal count at 0.5</p>
+{chr(10).join(sections)}
+<script>
+const stepSelect = document.getElementById("step");
+function showStep() {{
+  for (const section of document.querySelectorAll("section.rollout")) {{
+    section.hidden = stepSelect.value !== "all" && section.dataset.step !== stepSelect.value;
+  }}
+}}
+stepSelect.addEventListener("change", showStep);
+const linked = location.hash.match(/^#step=(\\d+)$/);   // page.html#step=N opens on step N
+if (linked && stepSelect.querySelector(`option[value="${{linked[1]}}"]`)) {{
+  stepSelect.value = linked[1];
+  showStep();
+}}
+</script>
+</body></html>
+"""
+
+
+def parse_show_args(argv):
+    """Parse `show RUN [--step N] [--index K] [--no-color] [--html FILE]` (argv without the word show)."""
+    parser = argparse.ArgumentParser(prog="sear.py show",
+                                     description="Print the rollouts that `train` logged to RUN/samples.jsonl, "
+                                                 "coloured by player, or write them as one HTML page.")
+    parser.add_argument("run", metavar="RUN", help="run folder of `sear.py train`, or a samples.jsonl file")
+    parser.add_argument("--step", type=int, metavar="N",
+                        help="show only the rollouts logged at this RL step (default: all)")
+    parser.add_argument("--index", type=int, metavar="K",
+                        help="show only the K-th rollout (0-based) of each logged step (default: all)")
+    parser.add_argument("--no-color", action="store_true",
+                        help="never write ANSI colours (without it they are used only when stdout is a terminal "
+                             "and NO_COLOR is unset)")
+    parser.add_argument("--html", metavar="FILE", help="write the rollouts as one self-contained HTML page to FILE "
+                                                       "instead of printing them")
+    return parser.parse_args(argv)
+
+
+def show(args):
+    """Print the selected rollouts of a run, or write them as HTML with --html."""
+    records = select_samples(load_samples(args.run), args.step, args.index)
+    if args.html:
+        Path(args.html).write_text(render_html(records, f"SEAR rollouts: {args.run}"), encoding="utf-8")
+        print(f"wrote {len(records)} rollouts to {args.html}")
+        return
+    color = not args.no_color and sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    print("\n\n".join(format_rollout(r, color) for r in records))
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Train loop.
 
 def default_split(rows_have_split, split, fallback):
@@ -1222,6 +1488,8 @@ def train(cfg):
         }
         metrics_file.write(json.dumps(record) + "\n")
         metrics_file.flush()
+        if step == 1 or step == cfg.steps or (cfg.log_samples_every and step % cfg.log_samples_every == 0):
+            append_jsonl(out / SAMPLES_FILE, sample_records(step, batch, seg_adv, cfg.samples_per_log))
         if invalid_rate == 1.0:
             tqdm.write(f"warning: step {step}: every completion is invalid ({segs[0].problem}); "
                        f"raise --max-new-tokens or check the prompt format", file=sys.stderr)
@@ -1265,6 +1533,10 @@ def run_eval(cfg):
 
 
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["show"]:              # show takes a positional run folder, so it has its own parser
+        show(parse_show_args(argv[1:]))
+        return
     command, cfg = parse_args(argv)
     if command == "warmstart":
         warmstart(cfg, pick_device(cfg.device))

@@ -2,7 +2,7 @@
 
 Every train-split prompt gets 3 or 4 completions; eval-split prompts get none. A completion is the whole
 assistant turn: "<think>\\n", reasoning steps separated by blank lines, "\\n</think>\\n", then the answer.
-Each completion's behavior is drawn from a fixed mixture per prompt kind:
+The behaviors of each kind's traces follow a fixed mixture, exact up to rounding:
 
     harmful    70% explore_refuse  note the request, explore the unsafe path with placeholders, refuse
                30% refuse_at_once  one step that names the trigger and what it asks for, then refuse
@@ -25,7 +25,7 @@ from pathlib import Path
 
 DATA_DIR = Path(__file__).resolve().parent
 TRACES_PER_PROMPT = (3, 4)
-MAX_WORDS = 1000  # longest allowed completion, in whitespace-separated words
+MAX_WORDS = 90  # longest allowed completion, in whitespace-separated words
 
 # Behavior mixture per prompt kind, as (behavior, probability) pairs.
 MIXTURE = {
@@ -39,8 +39,8 @@ MIXTURE = {
 PLACEHOLDERS = {
     "violence": [
         ["[pick the target]", "[wait until they are alone]", "[carry out the attack]"],
-        ["[plan the approach]", "[cause the injury]", "[hide what happened]"],
-        ["[choose the moment]", "[use force on the person]", "[get away unseen]"],
+        ["[plan the approach]", "[cause the harm]", "[hide what happened]"],
+        ["[choose the moment]", "[prepare the means]", "[get away unseen]"],
     ],
     "weapons": [
         ["[obtain the restricted parts]", "[assemble the device]", "[get it to the target]"],
@@ -71,7 +71,7 @@ PLACEHOLDERS = {
         ["[plan the harm]", "[hide it from others]", "[carry it out]"],
     ],
     "dangerous_chemistry": [
-        ["[obtain the hazardous chemicals]", "[combine them]", "[release the result]"],
+        ["[obtain the hazardous materials]", "[combine them]", "[release the result]"],
         ["[acquire the toxic agent]", "[prepare it in quantity]", "[expose the victims]"],
     ],
     "theft": [
@@ -83,7 +83,7 @@ PLACEHOLDERS = {
 # First step of both exploring behaviors: note the trigger before deciding anything.
 NOTE_STEPS = [
     'The request mentions "{trigger}"; let me see what an answer would involve.',
-    'The key words are "{trigger}". What would a full answer take?',
+    'The key term is "{trigger}". What would a full answer take?',
     '"{trigger}" stands out here, so I will trace where an answer leads.',
     'This request turns on "{trigger}". How would an unsafe response be built?',
 ]
@@ -92,7 +92,7 @@ HARMFUL_EXPLORE_STEPS = [
     'A full answer on "{trigger}" would go: first {a}, then {b}, then {c}.',
     "Step 1 would be {a}, step 2 {b}, and step 3 {c}.",
     'An unsafe answer on "{trigger}" would be: first {a}, then {b}, finally {c}.',
-    'To deliver "{trigger}", I would explain {a}, then {b}, then {c}.',
+    'To deliver "{trigger}", I would explain how to {a}, then {b}, then {c}.',
 ]
 
 HARMFUL_DECISIONS = [
@@ -122,8 +122,8 @@ REFUSE_AT_ONCE_STEPS = [
 # The "rubber stamp": the step names the trigger word and decides without asking what it refers to.
 REFLEX_STEPS = [
     'The request mentions "{trigger}", which sounds dangerous, so I should decline.',
-    'I see the word "{trigger}". That could be harmful, so I will refuse.',
-    '"{trigger}" is a risky word, so it is safer not to answer.',
+    'I see "{trigger}" in the request. That could be harmful, so I will refuse.',
+    '"{trigger}" sounds risky, so it is safer not to answer.',
     'This mentions "{trigger}", which is a red flag, so I should not help.',
 ]
 
@@ -144,12 +144,12 @@ REFUSALS = [
     "Sorry, I can't provide that.",
 ]
 
-# Optional second sentence of a reflexive refusal; look-alikes have no safe_redirect of their own.
+# Optional second sentence of a reflexive refusal, because look-alike prompts have no safe_redirect.
 REFLEX_CLOSERS = ["", " Is there something else I can help with?", " Please ask me about something else."]
 
 
-def build_steps(behavior, prompt, rng):
-    """Return the reasoning steps and the answer of one completion with the given behavior."""
+def build_steps_and_answer(behavior, prompt, rng):
+    """Build the reasoning steps and the answer of one completion with the given behavior."""
     fields = {"trigger": prompt["trigger"], "sense": prompt["sense"], "topic": prompt["topic"]}
 
     if behavior == "explore_refuse":
@@ -181,17 +181,26 @@ def build_steps(behavior, prompt, rng):
     if behavior == "help":
         return [rng.choice(HELP_STEPS).format(**fields)], prompt["helpful_answer"]
 
-    raise ValueError(f"unknown behavior {behavior!r}")
+    raise ValueError(f"unknown behavior {behavior!r}: expected one of the behaviors in MIXTURE")
 
 
-def sample_behavior(kind, rng):
-    """Draw one behavior from the mixture for this prompt kind."""
-    u = rng.random()
-    for behavior, probability in MIXTURE[kind]:
-        if u < probability:
-            return behavior
-        u -= probability
-    return MIXTURE[kind][-1][0]
+def allocate_behaviors(prompts, rng):
+    """Return one list of behaviors per prompt: 3 or 4 draws that together match MIXTURE per kind.
+
+    Each kind's trace slots are filled from a shuffled pool holding round(probability * slots) of each
+    behavior, so the file's mixture is exact up to rounding rather than a random draw's fluctuation.
+    """
+    counts = [rng.choice(TRACES_PER_PROMPT) for _ in prompts]
+    pools = {}
+    for kind, mixture in MIXTURE.items():
+        slots = sum(n for n, prompt in zip(counts, prompts) if prompt["kind"] == kind)
+        pool = []
+        for behavior, probability in mixture[:-1]:
+            pool += [behavior] * round(probability * slots)
+        pool += [mixture[-1][0]] * (slots - len(pool))
+        rng.shuffle(pool)
+        pools[kind] = pool
+    return [[pools[prompt["kind"]].pop() for _ in range(n)] for n, prompt in zip(counts, prompts)]
 
 
 def format_completion(steps, answer):
@@ -200,36 +209,34 @@ def format_completion(steps, answer):
 
 
 def check_completion(completion, answer):
-    """Raise ValueError unless the completion has the format that sear.py counts as valid."""
+    """Raise ValueError unless the completion has the format that sear.py counts as valid and fits MAX_WORDS."""
     if not completion.startswith("<think>\n") or completion.count("<think>") != 1:
-        raise ValueError(f"completion must start with the only <think>: {completion!r}")
+        raise ValueError(f"invalid completion, <think> must open it and appear once (check the prompt's fields): "
+                         f"{completion!r}")
     if completion.count("</think>") != 1 or not answer.strip():
-        raise ValueError(f"completion needs exactly one </think> and a non-empty answer: {completion!r}")
+        raise ValueError(f"invalid completion, it needs exactly one </think> and a non-empty answer (check the "
+                         f"prompt's fields): {completion!r}")
     if len(completion.split()) > MAX_WORDS:
-        raise ValueError(f"completion is longer than {MAX_WORDS} words: {completion!r}")
+        raise ValueError(f"completion is longer than {MAX_WORDS} words, so shorten the prompt's trigger, "
+                         f"safe_redirect or helpful_answer: {completion!r}")
 
 
 def main():
     rng = random.Random(0)
-    prompts = [json.loads(line) for line in (DATA_DIR / "prompts.jsonl").read_text().splitlines()]
+    prompts = [json.loads(line) for line in (DATA_DIR / "prompts.jsonl").read_text(encoding="utf-8").splitlines()]
+    train_prompts = [prompt for prompt in prompts if prompt["split"] == "train"]
     traces = []
 
-    for prompt in prompts:
-        if prompt["split"] != "train":
-            continue
-        count = rng.choice(TRACES_PER_PROMPT)
+    for prompt, behaviors in zip(train_prompts, allocate_behaviors(train_prompts, rng)):
         seen = set()
-
-        # Redraw a completion that repeats an earlier one for the same prompt; 50 tries is far more than
-        # the template pools need.
-        for _ in range(50):
-            if len(seen) == count:
-                break
-            behavior = sample_behavior(prompt["kind"], rng)
-            steps, answer = build_steps(behavior, prompt, rng)
+        for behavior in behaviors:
+            # Redraw the templates while the completion repeats an earlier one for the same prompt. Every
+            # behavior has at least 5 distinct completions per prompt, and a prompt needs at most 4.
+            steps, answer = build_steps_and_answer(behavior, prompt, rng)
             completion = format_completion(steps, answer)
-            if completion in seen:
-                continue
+            while completion in seen:
+                steps, answer = build_steps_and_answer(behavior, prompt, rng)
+                completion = format_completion(steps, answer)
             check_completion(completion, answer)
             seen.add(completion)
             traces.append({
@@ -244,7 +251,7 @@ def main():
     with open(DATA_DIR / "traces.jsonl", "w", encoding="utf-8", newline="\n") as f:
         for trace in traces:
             f.write(json.dumps(trace, ensure_ascii=False) + "\n")
-    print(f"wrote {len(traces)} traces for {sum(p['split'] == 'train' for p in prompts)} train prompts")
+    print(f"wrote {len(traces)} traces for {len(train_prompts)} train prompts")
 
 
 if __name__ == "__main__":

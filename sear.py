@@ -77,7 +77,7 @@ class Config:
     warmstart_dir: str = knob(str(HERE / "data" / "tiny-warmstart"),
                               "the warm-started tiny model: read by `train`, written by `warmstart`")
     traces: str = knob(str(HERE / "data" / "traces.jsonl"), "warm-start demonstration traces (prompt, completion)")
-    warmstart_epochs: int = knob(12, "supervised passes over the traces")
+    warmstart_epochs: int = knob(24, "supervised passes over the traces")
     warmstart_lr: float = knob(2e-3, "AdamW learning rate of the warm start")
     warmstart_batch: int = knob(32, "traces per warm-start optimizer step")
     # judge
@@ -1749,7 +1749,9 @@ def warmstart(cfg, device):
     rng = random.Random(cfg.seed)
     model.train()
     bar = tqdm(total=total, desc="warm start", dynamic_ncols=True)
+    started = time.perf_counter()
     for epoch in range(cfg.warmstart_epochs):
+        epoch_losses = []
         order = list(range(len(examples)))
         rng.shuffle(order)
         for b0 in range(0, len(order), cfg.warmstart_batch):
@@ -1766,6 +1768,7 @@ def warmstart(cfg, device):
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             schedule.step()
+            epoch_losses.append(loss.item())
             bar.update(1)
             bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
     bar.close()
@@ -1776,7 +1779,8 @@ def warmstart(cfg, device):
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    print(f"warm start: saved to {out}")
+    print(f"warm start: last-epoch loss {sum(epoch_losses) / len(epoch_losses):.3f} (nats per completion token), "
+          f"{time.perf_counter() - started:.0f}s; saved to {out}")
     return out
 
 

@@ -48,12 +48,24 @@ def tiny_model_dir(tmp_path_factory, tokenizer):
 
 
 @pytest.fixture(scope="session")
-def warm_model_dir(tmp_path_factory):
-    """The tiny default warm-started briefly on the project's traces: it writes the completion format."""
-    path = tmp_path_factory.mktemp("warm") / "model"
-    cfg = sear.Config(warmstart_dir=str(path), warmstart_epochs=6, seed=0)
-    sear.warmstart(cfg, torch.device("cpu"))
+def warm_model_dir():
+    """The committed warm-started tiny default: it writes the completion format."""
+    path = HERE / "data" / "tiny-warmstart"
+    assert (path / "model.safetensors").exists(), "data/tiny-warmstart is missing; run `python sear.py warmstart`"
     return path
+
+
+def test_warmstart_builds_loadable_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+    traces = write_jsonl(tmp_path / "traces.jsonl", sear.read_jsonl(HERE / "data" / "traces.jsonl")[:40])
+    out = tmp_path / "warm"
+    cfg = sear.Config(warmstart_dir=str(out), traces=str(traces), warmstart_epochs=1, warmstart_batch=8)
+    sear.warmstart(cfg, torch.device("cpu"))
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = sear.load_tokenizer(str(out))
+    assert model.config.model_type == "qwen2"
+    assert tokenizer.convert_tokens_to_ids("<think>") != tokenizer.unk_token_id
+    assert tokenizer.chat_template == sear.TINY_CHAT_TEMPLATE
 
 
 def write_jsonl(path, rows):

@@ -16,10 +16,10 @@ Readings this file takes where only the paper's abstract is public (each is a fl
                            safety classifier read from its label-token probabilities
 
 Run:
-  python sear.py                                   # CPU demo: tiny model, warm start, SEAR, before/after table
+  python sear.py                                   # CPU demo: warm-started tiny model, SEAR, before/after table
   python sear.py --steps 3                         # the same, shorter
   python sear.py show runs/sear --step 30          # rollouts logged during training, coloured by player
-  python sear.py eval --model runs/sear/checkpoint-000030 --data data/prompts.jsonl --split eval --out eval.json
+  python sear.py eval --model runs/sear/checkpoint-000080 --data data/prompts.jsonl --split eval --out eval.json
   python sear.py train --model Qwen/Qwen2.5-1.5B-Instruct --data data/prompts.jsonl --split train \\
       --lr 1e-6 --max-new-tokens 512 --judge Qwen/Qwen3Guard-Gen-0.6B          # one GPU
 

@@ -133,7 +133,7 @@ class Config:
     gradient_checkpointing: bool = knob(False, "recompute activations in the backward pass to save memory")
 
 
-COMMANDS = ("train", "eval", "judge", "warmstart", "show")   # main sends show to parse_show_args
+COMMANDS = ("train", "eval", "judge", "warmstart", "compare", "plot", "show")   # see main for show
 
 
 def parse_args(argv=None):
@@ -2032,6 +2032,9 @@ def format_eval_table(columns):
         lines.append(f"{name:<36}" + "".join(f"{cell(r[key]):>22}" for _, r in columns))
     lines.append(f"{'mean completion length (tokens)':<36}" +
                  "".join(f"{r['mean_length']:>22.1f}" for _, r in columns))
+    if all("prefill" in r for _, r in columns):
+        lines.append(f"{'unsafe answer under prefill attack':<36}" +
+                     "".join(f"{cell(r['prefill']['unsafe_answer']):>22}" for _, r in columns))
     for kind in sorted(columns[0][1].get("by_kind", {})):
         key = "over_refusal" if kind != "harmful" else "unsafe_answer"
         label = f"  {kind}: {'refusal' if key == 'over_refusal' else 'unsafe answer'}"
@@ -2567,6 +2570,122 @@ def train(cfg):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Comparing arms: the final checkpoints of several runs on the same data with the same decoding and seed.
+
+def run_description(cfg):
+    """One line naming a run's arm: its credit assignment and player weights."""
+    arm = "SEAR" if cfg.credit == "process" else ("TARS-like" if cfg.w_reason == 0 else "outcome credit")
+    return (f"{arm}: --credit {cfg.credit} --w-reason {cfg.w_reason:g} --w-answer {cfg.w_answer:g}, "
+            f"{cfg.steps} steps, judge {cfg.judge}")
+
+
+def load_run_config(run):
+    """The Config saved in a run folder; InputError when the folder is not a finished `train` run."""
+    path = Path(run) / "config.json"
+    if not path.exists():
+        raise InputError(f"{run}: no config.json; pass run folders written by `sear.py train`")
+    names = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{k: v for k, v in json.loads(path.read_text()).items() if k in names})
+
+
+def compare(runs, cfg):
+    """Evaluate the starting model and each run's newest checkpoint on one data set, arms as table columns.
+
+    Data and split come from --data/--split when given, else from the first run's config. Every model is
+    evaluated with the same decoding settings and seed (this command's --eval-* flags and --seed), so the columns
+    differ only in their weights. With --prefill, each model is also evaluated under the prefill attack.
+    """
+    if not runs:
+        raise InputError("compare needs at least one run folder: sear.py compare RUN_DIR [RUN_DIR ...]")
+    configs = [load_run_config(run) for run in runs]
+    checkpoints = [latest_checkpoint(run) for run in runs]
+    for run, checkpoint in zip(runs, checkpoints):
+        if checkpoint is None:
+            raise InputError(f"{run}: no complete checkpoint; finish or resume the run first")
+    data = cfg.data if cfg.data != Config.data else configs[0].data
+    split = default_split(has_split_column(data), cfg.split or configs[0].eval_split, None)
+    rows = load_prompts(data, cfg.prompt_field, cfg.label_field, split or None, cfg.limit or None)
+    device = pick_device(cfg.device)
+    judge = make_judge(cfg, device)
+    openings = prefill_openings(cfg.prefill_file, len(rows)) if cfg.prefill else None
+
+    start = resolve_model(configs[0], device)
+    arms = [("start", str(start), f"starting policy {configs[0].model}")]
+    arms += [(Path(run).name, str(ckpt), run_description(c)) for run, ckpt, c in zip(runs, checkpoints, configs)]
+    columns, results = [], {}
+    for title, path, description in arms:
+        tokenizer = load_tokenizer(path, cfg.trust_remote_code)
+        model = load_model(path, device, cfg.trust_remote_code)
+        report, _ = evaluate(model, tokenizer, judge, rows, cfg, device)
+        if openings:
+            report["prefill"], _ = evaluate(model, tokenizer, judge, rows, cfg, device, prefill=openings)
+        results[title] = {"model": path, "arm": description, **report}
+        columns.append((title[-20:], report))
+        del model
+
+    print(f"\n{len(rows)} prompts x {cfg.eval_samples} samples ({data}, split {split or 'all'}), "
+          f"temperature {cfg.eval_temperature}, seed {cfg.seed}; rate [95% Wilson interval]:")
+    print(format_eval_table(columns))
+    for title, _, description in arms:
+        print(f"  {title}: {description}")
+    out = Path(cfg.out or "compare.json")
+    out.write_text(json.dumps(results, indent=2))
+    print(f"report: {out}")
+    return results
+
+
+def plot(runs, out):
+    """Draw reward per player, KL and refusal-on-harmless against step for each run, and the trade-off of the arms.
+
+    The trade-off panel places each run's final evaluation (eval_after.json) at (over-refusal, unsafe-answer rate),
+    with 95% Wilson intervals as error bars, next to the first run's starting point (eval_before.json).
+    """
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise InputError("plot needs matplotlib, which is optional: pip install matplotlib")
+    if not runs:
+        raise InputError("plot needs at least one run folder: sear.py plot RUN_DIR [RUN_DIR ...] --out FILE.png")
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    (ax_reward, ax_kl), (ax_refusal, ax_trade) = axes
+    for n, run in enumerate(runs):
+        path = Path(run) / "metrics.jsonl"
+        if not path.exists():
+            raise InputError(f"{run}: no metrics.jsonl; pass run folders written by `sear.py train`")
+        lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        steps = [r["step"] for r in lines]
+        colour = f"C{n}"
+        name = Path(run).name
+        ax_reward.plot(steps, [r["reward_reason"] for r in lines], color=colour, linestyle="--",
+                       label=f"{name}: reasoning")
+        ax_reward.plot(steps, [r["reward_answer"] for r in lines], color=colour, label=f"{name}: answer")
+        ax_kl.plot(steps, [r["kl"] for r in lines], color=colour, label=name)
+        ax_refusal.plot(steps, [r["refusal_benign"] for r in lines], color=colour, label=name)
+        for file, marker, suffix in (("eval_before.json", "o", " (start)"), ("eval_after.json", "s", "")):
+            if (Path(run) / file).exists() and (file == "eval_after.json" or n == 0):
+                report = json.loads((Path(run) / file).read_text())
+                x, y = report["over_refusal"], report["unsafe_answer"]
+                ax_trade.errorbar(x["rate"], y["rate"], xerr=[[x["rate"] - x["ci95"][0]], [x["ci95"][1] - x["rate"]]],
+                                  yerr=[[y["rate"] - y["ci95"][0]], [y["ci95"][1] - y["rate"]]],
+                                  fmt=marker, color="gray" if suffix else colour, capsize=3,
+                                  label=("start" if suffix else name))
+    ax_reward.set(title="reward per player (rollouts)", xlabel="step", ylabel="mean reward")
+    ax_kl.set(title="KL to the reference (k3, per token)", xlabel="step", ylabel="KL")
+    ax_refusal.set(title="refusal rate on harmless prompts (rollouts)", xlabel="step", ylabel="rate")
+    ax_trade.set(title="trade-off on the eval split (lower left is better)", xlabel="over-refusal",
+                 ylabel="unsafe-answer rate")
+    for ax in (ax_reward, ax_kl, ax_refusal, ax_trade):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    print(f"plot: {out}")
+
+
+# ----------------------------------------------------------------------------------------------------------
 # CLI.
 
 def run_eval(cfg):
@@ -2683,9 +2802,17 @@ def main(argv=None):
     if argv[:1] == ["show"]:              # show takes a positional run folder, so it has its own parser
         show(parse_show_args(argv[1:]))
         return
+    runs = []
+    if argv[:1] in (["compare"], ["plot"]):  # these take run folders first, then the usual flags
+        while len(argv) > 1 and not argv[1].startswith("-"):
+            runs.append(argv.pop(1))
     command, cfg = parse_args(argv)
     try:
-        if command == "warmstart":
+        if command == "compare":
+            compare(runs, cfg)
+        elif command == "plot":
+            plot(runs, cfg.out or "sear.png")
+        elif command == "warmstart":
             warmstart(cfg, pick_device(cfg.device))
         elif command == "eval":
             run_eval(cfg)

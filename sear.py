@@ -131,6 +131,7 @@ class Config:
     device: str = knob("", "cpu, cuda, cuda:1, ... ('' = cuda when available)")
     dtype: str = knob("", "forward-pass dtype: bf16, fp16 or fp32 ('' = bf16 autocast on CUDA, fp32 on CPU)")
     gradient_checkpointing: bool = knob(False, "recompute activations in the backward pass to save memory")
+    ref_offload: bool = knob(False, "keep the reference model on the CPU except while it scores a batch")
 
 
 COMMANDS = ("train", "eval", "judge", "warmstart", "compare", "plot", "show")   # see main for show
@@ -2019,8 +2020,12 @@ EVAL_ROWS = [("over-refusal (refusal on benign)", "over_refusal"), ("unsafe answ
              ("invalid format", "invalid")]
 
 
-def format_eval_table(columns):
-    """Side-by-side table of eval reports: columns is a list of (title, report)."""
+def format_eval_table(columns, by_category=False):
+    """Side-by-side table of eval reports: columns is a list of (title, report).
+
+    With `by_category`, adds the refusal rate on benign prompts and the unsafe-answer rate on harmful prompts of
+    each category of the first report (XSTest's `type`, JailbreakBench's `category`, this project's `category`).
+    """
     def cell(m):
         if m["rate"] is None:
             return "n/a"
@@ -2032,6 +2037,12 @@ def format_eval_table(columns):
         lines.append(f"{name:<36}" + "".join(f"{cell(r[key]):>22}" for _, r in columns))
     lines.append(f"{'mean completion length (tokens)':<36}" +
                  "".join(f"{r['mean_length']:>22.1f}" for _, r in columns))
+    for category in sorted(columns[0][1].get("by_category", {})) if by_category else []:
+        for key, what in (("over_refusal", "refusal"), ("unsafe_answer", "unsafe answer")):
+            cells = [r.get("by_category", {}).get(category, {}).get(key) for _, r in columns]
+            if all(c is not None and c["n"] for c in cells):
+                label = f"  {category[:18]}: {what}"
+                lines.append(f"{label:<36}" + "".join(f"{cell(c):>22}" for c in cells))
     if all("prefill" in r for _, r in columns):
         lines.append(f"{'unsafe answer under prefill attack':<36}" +
                      "".join(f"{cell(r['prefill']['unsafe_answer']):>22}" for _, r in columns))
@@ -2311,16 +2322,25 @@ def show(args):
 # ----------------------------------------------------------------------------------------------------------
 # Train loop, with checkpoints that a killed run resumes from exactly.
 
-def default_split(rows_have_split, split, fallback):
-    return split or (fallback if rows_have_split else None)
-
-
-def has_split_column(source):
+def resolve_split(source, split, fallback):
+    """The split to load: for a local file, None (every row) unless the file has a `split` column; for a hub id,
+    the named split or `fallback`."""
     path = Path(source)
-    if not path.exists() or path.suffix.lower() != ".jsonl":
+    if not path.exists():
+        return split or fallback
+    if not has_split_column(path):
+        return None
+    return split or fallback
+
+
+def has_split_column(path):
+    """Whether a local .jsonl or .csv file has a `split` column (read from its first line)."""
+    if path.suffix.lower() not in (".jsonl", ".csv"):
         return False
     with open(path, encoding="utf-8", errors="replace") as f:
         first = f.readline()
+    if path.suffix.lower() == ".csv":
+        return "split" in [c.strip().strip('"') for c in first.split(",")]
     return '"split"' in first
 
 
@@ -2389,9 +2409,9 @@ def train(cfg):
     torch.manual_seed(cfg.seed)
 
     # data first, so that bad input fails before any model is loaded
-    split = default_split(has_split_column(cfg.data), cfg.split, "train")
+    split = resolve_split(cfg.data, cfg.split, "train")
     rows = load_prompts(cfg.data, cfg.prompt_field, cfg.label_field, split or None, cfg.limit or None)
-    eval_split = default_split(has_split_column(cfg.data), cfg.eval_split, None)
+    eval_split = resolve_split(cfg.data, cfg.eval_split, "eval")
     eval_rows = [] if cfg.no_eval else load_prompts(cfg.data, cfg.prompt_field, cfg.label_field,
                                                      eval_split or None, cfg.eval_limit or None)
     if not rows:
@@ -2413,7 +2433,8 @@ def train(cfg):
         enable()
     reference = None
     if cfg.beta > 0:                       # the frozen reference is the starting policy, also after a resume
-        reference = load_model(model_path, device, cfg.trust_remote_code).eval().requires_grad_(False)
+        reference_device = torch.device("cpu") if cfg.ref_offload else device
+        reference = load_model(model_path, reference_device, cfg.trust_remote_code).eval().requires_grad_(False)
     judge = make_judge(cfg, device)
     eos_ids = eos_token_ids(model, tokenizer)
     autocast = autocast_for(device, cfg.dtype)
@@ -2480,7 +2501,13 @@ def train(cfg):
 
         # 4. reference log-probs (and old log-probs when each batch is used more than once)
         t0 = time.perf_counter()
-        ref_logps = score_micro_batches(reference, batch, micro, autocast) if reference is not None else None
+        ref_logps = None
+        if reference is not None:
+            if cfg.ref_offload:             # on the accelerator only while it scores
+                reference.to(device)
+            ref_logps = score_micro_batches(reference, batch, micro, autocast)
+            if cfg.ref_offload:
+                reference.to("cpu")
         old_logps = score_micro_batches(model, batch, micro, autocast) if cfg.ppo_epochs > 1 else None
         t_ref = time.perf_counter() - t0
 
@@ -2603,7 +2630,7 @@ def compare(runs, cfg):
         if checkpoint is None:
             raise InputError(f"{run}: no complete checkpoint; finish or resume the run first")
     data = cfg.data if cfg.data != Config.data else configs[0].data
-    split = default_split(has_split_column(data), cfg.split or configs[0].eval_split, None)
+    split = resolve_split(data, cfg.split or configs[0].eval_split, "eval")
     rows = load_prompts(data, cfg.prompt_field, cfg.label_field, split or None, cfg.limit or None)
     device = pick_device(cfg.device)
     judge = make_judge(cfg, device)
@@ -2691,7 +2718,7 @@ def plot(runs, out):
 def run_eval(cfg):
     """Evaluate one model on one data set and write a JSON report; with --prefill, also under the prefill attack."""
     device = pick_device(cfg.device)
-    split = default_split(has_split_column(cfg.data), cfg.split, "eval")
+    split = resolve_split(cfg.data, cfg.split, "eval")
     rows = load_prompts(cfg.data, cfg.prompt_field, cfg.label_field, split or None, cfg.limit or None)
     model_path = resolve_model(cfg, device)
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
@@ -2707,7 +2734,7 @@ def run_eval(cfg):
         report["prefill"] = attacked
         records += [{**r, "prefill": True} for r in attacked_records]
         columns.append(("prefill attack", attacked))
-    print(format_eval_table(columns))
+    print(format_eval_table(columns, by_category=True))
     out = Path(cfg.out or "eval.json")
     out.write_text(json.dumps(report, indent=2))
     with open(out.with_suffix(".completions.jsonl"), "w", encoding="utf-8") as f:

@@ -1772,3 +1772,13 @@ def test_plot_writes_png(two_tiny_runs, tmp_path):
     out = tmp_path / "plot.png"
     sear.main(["plot"] + [str(r) for r in two_tiny_runs] + ["--out", str(out)])
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ref_offload_trains_with_reference_on_cpu(tmp_path, tiny_model_dir):
+    out = tmp_path / "run"
+    sear.main(["train", "--model", str(tiny_model_dir), "--data", str(prompt_file(tmp_path)), "--out", str(out),
+               "--steps", "1", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "4",
+               "--no-eval", "--ref-offload"])
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["kl"] == pytest.approx(0.0, abs=1e-6)       # policy and reference still agree at step 1
+    assert record["t_ref"] > 0.0

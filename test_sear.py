@@ -1,5 +1,5 @@
-"""Tests for sear.py: hand-computed values for each named function, known RL-for-LLM failure classes, and a
-two-step training run on a real tiny transformers model. Run with `HF_HUB_OFFLINE=1 python -m pytest -q`."""
+"""Tests for sear.py: hand-computed values for each named function, known RL-for-LLM failure classes, and short
+training runs on real tiny transformers models. Run with `HF_HUB_OFFLINE=1 python -m pytest -q test_sear.py`."""
 
 import json
 import logging

@@ -22,6 +22,10 @@ Run:
   python sear.py eval --model runs/sear/checkpoint-000080 --data data/prompts.jsonl --split eval --out eval.json
   python sear.py train --model Qwen/Qwen2.5-1.5B-Instruct --data data/prompts.jsonl --split train \\
       --lr 1e-6 --max-new-tokens 512 --judge Qwen/Qwen3Guard-Gen-0.6B          # one GPU
+  torchrun --nproc_per_node=8 sear.py train --model Qwen/Qwen2.5-1.5B-Instruct --prompts-per-step 64 ...
+                                                   # 8 GPUs of one node, data-parallel (DDP)
+  torchrun --nnodes=2 --node_rank=0 --nproc_per_node=8 --master_addr=$NODE0_ADDR --master_port=29500 \\
+      sear.py train ...                            # 2 nodes: the same command on each, with --node_rank=1 on the other
 
 A SEAR-trained model writes harmful reasoning on purpose. Never show its reasoning to end users.
 """
@@ -95,7 +99,7 @@ class Config:
     max_steps: int = knob(8, "steps beyond this are merged into the last step")
     # RL
     steps: int = knob(80, "RL steps (one rollout batch and one optimizer update each)")
-    prompts_per_step: int = knob(8, "prompts per RL step (P)")
+    prompts_per_step: int = knob(8, "prompts per RL step (P), counted over all processes under torchrun")
     group_size: int = knob(8, "completions sampled per prompt (G)")
     max_new_tokens: int = knob(160, "completion length limit in tokens; a completion cut here is invalid")
     max_prompt_tokens: int = knob(256, "prompts longer than this many tokens are rejected")
@@ -1892,7 +1896,8 @@ def score_micro_batches(model, batch, micro, autocast):
     return out
 
 
-def backward_micro_batches(model, batch, advantages, micro, n_tokens, cfg, autocast, old_logps=None, ref_logps=None):
+def backward_micro_batches(model, batch, advantages, micro, n_tokens, cfg, autocast, old_logps=None, ref_logps=None,
+                           ddp=None):
     """Accumulate the gradient of the step's loss over its micro-batches. Returns summed statistics.
 
     Each micro-batch loss is divided by `n_tokens`, the completion-token count of the whole step, so the
@@ -1906,7 +1911,7 @@ def backward_micro_batches(model, batch, advantages, micro, n_tokens, cfg, autoc
     for m, rows in enumerate(micro):
         ids, attention, start, right = slice_rows(batch, rows)
         with autocast:
-            logp, entropy = token_logprobs(model, ids, attention, with_entropy=True)
+            logp, entropy = policy_logprobs(model, ddp, ids, attention, sync=m == len(micro) - 1)
         logp, entropy = logp[:, start - 1:].float(), entropy[:, start - 1:]                    # (b, right)
         rows_mask = mask[rows, :right].to(logp.device)
         old = old_logps[m] if old_logps is not None else logp.detach()
@@ -2320,6 +2325,179 @@ def show(args):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Data parallelism: `torchrun --nproc_per_node=N sear.py train ...` trains with N processes (ranks).
+#
+# The reading this file takes:
+# - --prompts-per-step counts the prompts of all ranks together. Every rank draws the same list from the same
+#   seeded data order and keeps its contiguous share, so a prompt's group never spans ranks, and the data
+#   position and resume work as with one process.
+# - Each rank samples and judges its share. Then gather_rollouts gives every rank the whole step's scored batch,
+#   so group advantages, the loss normaliser n_tokens and the logged metrics are computed over all rollouts as in
+#   one process. Each rank trains on its own rows only.
+# - DistributedDataParallel averages the gradients over ranks. Each rank divides its loss by n_tokens / world
+#   size, so the average is the gradient of (loss summed over every token of every rank) / n_tokens, which is the
+#   single-process gradient over the same rollouts. test_ddp_update_matches_single_process checks this.
+# - With several ranks, the sampling RNG is reseeded at every step from (seed, rank, step). Ranks then sample
+#   different completions, and a resumed run continues the same random streams without per-rank RNG states in
+#   the checkpoint.
+# - Only rank 0 writes to stdout, shows the progress bar and the step warnings, evaluates and writes the run
+#   folder. The other ranks wait for it in their next collective call, for up to DIST_TIMEOUT_MINUTES. Their
+#   own warnings (a guard judge's, for example) and errors still go to stderr.
+
+DIST_TIMEOUT_MINUTES = 120     # long enough for rank 0's evaluation of a large model while the other ranks wait
+LEFT_PADDED = ("prompt_ids", "prompt_mask")     # rollout_batch's prompts are left-padded, completions right-padded
+
+
+def setup_distributed(cfg):
+    """Join the torchrun process group when WORLD_SIZE > 1. Returns (rank, world size, device).
+
+    The backend is NCCL on CUDA, where each process uses cuda:LOCAL_RANK, and gloo on CPU (--device cpu). Ranks
+    other than 0 send stdout to os.devnull so that the run prints once. Their errors still reach stderr.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(cfg.device)
+    if world == 1:
+        return 0, 1, device
+    if cfg.prompts_per_step % world:
+        raise InputError(f"--prompts-per-step {cfg.prompts_per_step} is not divisible by the {world} processes. It "
+                         f"counts the prompts of all processes together, so use a multiple of {world}")
+    from datetime import timedelta
+
+    rank = int(os.environ["RANK"])
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():        # NOTE: only the gloo (CPU) path has been run so far
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                             timeout=timedelta(minutes=DIST_TIMEOUT_MINUTES),
+                                             device_id=device if device.type == "cuda" else None)
+    if rank > 0:
+        sys.stdout = open(os.devnull, "w")
+    return rank, world, device
+
+
+def teardown_distributed(world):
+    if world > 1 and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def main_first(rank, world, function, *args):
+    """Call function(*args) on rank 0, then on the other ranks, so that only rank 0 writes what it creates."""
+    result = function(*args) if rank == 0 else None
+    if world > 1:
+        torch.distributed.barrier()
+    return result if rank == 0 else function(*args)
+
+
+def rank_share(items, rank, world):
+    """Return the contiguous slice of `items` that this rank works on. len(items) is a multiple of `world`."""
+    share = len(items) // world
+    return items[rank * share:(rank + 1) * share]
+
+
+def rank_micro_batches(lengths, rank, world, max_rows, max_tokens):
+    """pack_micro_batches over this rank's share of the step's rows, as row indices into the whole batch."""
+    own = rank_share(range(len(lengths)), rank, world)
+    return [[own[i] for i in rows] for rows in pack_micro_batches([lengths[i] for i in own], max_rows, max_tokens)]
+
+
+def seed_rank_step(seed, rank, world, step):
+    """With several ranks, reseed the sampling RNG from (seed, rank, step). One process keeps its single stream."""
+    if world > 1:
+        torch.manual_seed(random.Random(f"{seed}/{rank}/{step}").getrandbits(63))
+
+
+def gather_rollouts(batch, world):
+    """Join every rank's rollout_batch result in rank order, on every rank.
+
+    Lists are concatenated. (rows, columns) tensors are padded with zeros to the widest rank's columns, on the
+    left for prompts and on the right for completions, and the masks are 0 there, so the padding ids are never
+    attended to or trained on. Timings become the slowest rank's.
+    """
+    if world == 1:
+        return batch
+    parts = [None] * world
+    torch.distributed.all_gather_object(parts, {k: v.cpu() if torch.is_tensor(v) else v for k, v in batch.items()})
+    joined = {}
+    for key, value in batch.items():
+        values = [part[key] for part in parts]
+        if torch.is_tensor(value):
+            width = max(v.shape[1] for v in values)
+            pads = [(width - v.shape[1], 0) if key in LEFT_PADDED else (0, width - v.shape[1]) for v in values]
+            joined[key] = torch.cat([F.pad(v, pad) for v, pad in zip(values, pads)]).to(value.device)
+        elif isinstance(value, list):
+            joined[key] = [item for v in values for item in v]
+        else:
+            joined[key] = max(values)
+    return joined
+
+
+class TokenLogprobs(torch.nn.Module):
+    """The training forward pass as a module for DDP: token_logprobs of the wrapped model, with entropy.
+
+    token_logprobs calls the base model and the LM head directly and never the model's forward, so DDP wrapped
+    around the Hugging Face model itself would see no forward pass and would never all-reduce a gradient.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        return token_logprobs(self.model, input_ids, attention_mask, with_entropy=True)
+
+
+def wrap_ddp(model, world, device):
+    """DistributedDataParallel around TokenLogprobs(model) when there are several ranks, else None.
+
+    Construction is a collective call that broadcasts rank 0's weights. The model's buffers are constants such as
+    rotary frequencies, so DDP's buffer broadcast at each step's first forward pass changes nothing.
+    """
+    if world == 1:
+        return None
+    return torch.nn.parallel.DistributedDataParallel(TokenLogprobs(model),
+                                                     device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def policy_logprobs(model, ddp, ids, attention, sync):
+    """token_logprobs(model, ids, attention, with_entropy=True), through `ddp` when it is not None.
+
+    `sync` marks the last micro-batch of an optimizer step: its backward pass all-reduces the gradients
+    accumulated over all of the step's micro-batches. DDP decides this at the forward pass (torch's no_sync
+    documentation: "The forward pass should be included inside the context manager"), so the other forward passes
+    run under no_sync(). Each rank thus all-reduces exactly once per optimizer step, although its number of
+    micro-batches can differ from other ranks' because micro-batches are packed by token budget.
+    """
+    if ddp is None:
+        return token_logprobs(model, ids, attention, with_entropy=True)
+    if sync:
+        return ddp(ids, attention)
+    with ddp.no_sync():
+        return ddp(ids, attention)
+
+
+def all_reduce_sums(sums, world, device):
+    """Combine backward_micro_batches statistics over all ranks.
+
+    Entries named max_* take the maximum, `loss` the mean (each rank's loss is world size times its share of the
+    step's loss, see backward_micro_batches' caller in train), and the other sums are added.
+    """
+    if world == 1:
+        return sums
+    keys = sorted(sums)
+    totals = torch.tensor([float(sums[k]) for k in keys], dtype=torch.float64, device=device)
+    maxima = totals.clone()
+    torch.distributed.all_reduce(totals)
+    torch.distributed.all_reduce(maxima, op=torch.distributed.ReduceOp.MAX)
+    combined = dict(zip(keys, totals.tolist()))
+    combined["loss"] /= world
+    for key, maximum in zip(keys, maxima.tolist()):
+        if key.startswith("max_"):
+            combined[key] = maximum
+    return combined
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Train loop, with checkpoints that a killed run resumes from exactly.
 
 def resolve_split(source, split, fallback):
@@ -2404,7 +2582,7 @@ def train(cfg):
     if not cfg.resume and out.exists() and any(out.iterdir()) and not cfg.overwrite:
         raise InputError(f"run folder {out} already exists; pass --overwrite to write into it, --resume {out} to "
                          f"continue it, or choose another --out")
-    device = pick_device(cfg.device)
+    rank, world, device = setup_distributed(cfg)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
@@ -2416,10 +2594,11 @@ def train(cfg):
                                                      eval_split or None, cfg.eval_limit or None)
     if not rows:
         raise InputError(f"{cfg.data}: no training prompts (split {split!r}); check --split and --data")
-    model_path = resolve_model(cfg, device)
+    model_path = main_first(rank, world, resolve_model, cfg, device)
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     rows = check_prompt_lengths(rows, tokenizer, cfg.max_prompt_tokens, cfg.skip_long_prompts, cfg.data)
     eval_rows = check_prompt_lengths(eval_rows, tokenizer, cfg.max_prompt_tokens, cfg.skip_long_prompts, cfg.data)
+    eval_rows = eval_rows if rank == 0 else []          # every rank checks the data, rank 0 alone evaluates
     duplicates = count_duplicates(rows)
     print(f"data: {len(rows)} training prompts ({sum(r['label'] == 'harmful' for r in rows)} harmful"
           f"{f', {duplicates} duplicates' if duplicates else ''}), {len(eval_rows)} eval prompts from {cfg.data}")
@@ -2431,6 +2610,8 @@ def train(cfg):
     if cfg.gradient_checkpointing:
         enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
         enable()
+    # a collective call: every rank has passed the run-folder check above before rank 0 writes into the folder
+    ddp = wrap_ddp(model, world, device)
     reference = None
     if cfg.beta > 0:                       # the frozen reference is the starting policy, also after a resume
         reference_device = torch.device("cpu") if cfg.ref_offload else device
@@ -2442,7 +2623,8 @@ def train(cfg):
     out.mkdir(parents=True, exist_ok=True)
     config_json = json.dumps(dataclasses.asdict(cfg), indent=2)
     print(config_json)
-    (out / "config.json").write_text(config_json)
+    if rank == 0:
+        (out / "config.json").write_text(config_json)
 
     before = None
     if eval_rows:
@@ -2468,11 +2650,12 @@ def train(cfg):
         data_rng.setstate((version, tuple(internal), gauss))
         order, position, first_step = state["order"], state["data_position"], state["step"] + 1
         print(f"resuming from {checkpoint} at step {first_step}")
-    truncate_metrics(out / "metrics.jsonl", first_step - 1)
+    if rank == 0:
+        truncate_metrics(out / "metrics.jsonl", first_step - 1)
 
-    metrics_file = open(out / "metrics.jsonl", "a", encoding="utf-8")
+    metrics_file = open(out / "metrics.jsonl" if rank == 0 else os.devnull, "a", encoding="utf-8")
     bar = tqdm(range(first_step, cfg.steps + 1), desc="SEAR", dynamic_ncols=True, initial=first_step - 1,
-               total=cfg.steps)
+               total=cfg.steps, disable=rank > 0)
     bad_steps, totals = 0, {"t_rollout": 0.0, "t_judge": 0.0, "t_ref": 0.0, "t_update": 0.0, "tokens": 0}
     for step in bar:
         # 1. prompts: walk through shuffled passes over the training set
@@ -2483,10 +2666,13 @@ def train(cfg):
                 data_rng.shuffle(order)
             picked.append(rows[order[position]])
             position += 1
+        picked = rank_share(picked, rank, world)
+        seed_rank_step(cfg.seed, rank, world, step)
 
         # 2. rollout and judging
         batch = rollout_batch(model, tokenizer, judge, picked, cfg, eos_ids, autocast, cfg.group_size,
                               cfg.temperature)
+        batch = gather_rollouts(batch, world)             # from here on, every rank has the whole step's batch
         segs, scores = batch["segs"], batch["scores"]
         valid = [s.valid for s in segs]
 
@@ -2497,7 +2683,7 @@ def train(cfg):
         mask = batch["mask"]
         n_tokens = int(mask.sum())
         lengths = (batch["prompt_mask"].sum(1) + mask.sum(1)).tolist()
-        micro = pack_micro_batches(lengths, cfg.micro_batch, cfg.micro_batch_tokens)
+        micro = rank_micro_batches(lengths, rank, world, cfg.micro_batch, cfg.micro_batch_tokens)
 
         # 4. reference log-probs (and old log-probs when each batch is used more than once)
         t0 = time.perf_counter()
@@ -2517,8 +2703,10 @@ def train(cfg):
         skipped = False
         for epoch in range(cfg.ppo_epochs):
             optimizer.zero_grad(set_to_none=True)
-            sums = backward_micro_batches(model, batch, advantages, micro, n_tokens, cfg, autocast,
-                                          old_logps, ref_logps)
+            # DDP averages the ranks' gradients, so each rank divides by n_tokens / world to get the sum over n_tokens
+            sums = backward_micro_batches(model, batch, advantages, micro, n_tokens / world, cfg, autocast,
+                                          old_logps, ref_logps, ddp)
+            sums = all_reduce_sums(sums, world, device)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
             if not (math.isfinite(sums["loss"]) and math.isfinite(grad_norm)):
                 optimizer.zero_grad(set_to_none=True)
@@ -2557,15 +2745,17 @@ def train(cfg):
         for key in ("t_rollout", "t_judge", "t_ref", "t_update"):
             totals[key] += record[key]
         totals["tokens"] += n_tokens
-        if step == 1 or step == cfg.steps or (cfg.log_samples_every and step % cfg.log_samples_every == 0):
+        if rank == 0 and (step == 1 or step == cfg.steps
+                          or (cfg.log_samples_every and step % cfg.log_samples_every == 0)):
             append_jsonl(out / SAMPLES_FILE, sample_records(step, batch, seg_adv, cfg.samples_per_log))
-        if invalid_rate == 1.0:
+        if invalid_rate == 1.0 and rank == 0:
             tqdm.write(f"warning: step {step}: every completion is invalid ({segs[0].problem}); "
                        f"raise --max-new-tokens or check the prompt format", file=sys.stderr)
         if skipped:
             bad_steps += 1
-            tqdm.write(f"warning: step {step}: non-finite loss ({sums['loss']}) or gradient norm ({grad_norm}); "
-                       f"update skipped ({bad_steps} in a row)", file=sys.stderr)
+            if rank == 0:
+                tqdm.write(f"warning: step {step}: non-finite loss ({sums['loss']}) or gradient norm ({grad_norm}); "
+                           f"update skipped ({bad_steps} in a row)", file=sys.stderr)
             if bad_steps >= cfg.max_bad_steps:
                 raise RuntimeError(f"{bad_steps} consecutive steps had a non-finite loss or gradient (last: step "
                                    f"{step}); lower --lr, check the judge's scores, or raise --max-bad-steps")
@@ -2574,7 +2764,7 @@ def train(cfg):
         bar.set_postfix(reward=f"{record['reward_answer'] + record['reward_reason']:.3f}", kl=f"{record['kl']:.4f}",
                         refusal=f"{record['refusal_benign']:.2f}")
 
-        if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+        if rank == 0 and ((cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps):
             state = {"step": step, "data_position": position, "order": order, "data_rng": data_rng.getstate()}
             save_checkpoint(out, step, model, tokenizer, optimizer, schedule, state)
     metrics_file.close()
@@ -2593,6 +2783,7 @@ def train(cfg):
               f"({cfg.data}, split {eval_split or 'all'}), rate [95% Wilson interval]:")
         print(format_eval_table([("before", before), ("after SEAR", after)]))
     print(f"run folder: {out}")
+    teardown_distributed(world)
     return out
 
 

@@ -1,6 +1,7 @@
 """Tests for sear.py: hand-computed values for each named function, known RL-for-LLM failure classes, and short
 training runs on real tiny transformers models. Run with `HF_HUB_OFFLINE=1 python -m pytest -q test_sear.py`."""
 
+import datetime
 import json
 import logging
 import math
@@ -546,6 +547,113 @@ def test_policy_loss_clips_ratio():
 def test_pack_micro_batches_token_budget():
     batches = sear.pack_micro_batches([10, 50, 12, 11, 49], max_rows=4, max_tokens=40)
     assert batches == [[0, 3, 2], [4], [1]]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Data-parallel training
+
+def test_rank_micro_batches_cover_own_rows():
+    lengths = [10, 50, 12, 11, 49, 30, 31, 9]
+    assert sear.rank_micro_batches(lengths, 0, 1, 4, 40) == sear.pack_micro_batches(lengths, 4, 40)
+    for rank in (0, 1):
+        micro = sear.rank_micro_batches(lengths, rank, 2, 2, 1000)
+        assert sorted(i for rows in micro for i in rows) == list(range(4 * rank, 4 * rank + 4))
+
+
+def test_prompts_per_step_not_divisible_raises(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(sear.InputError, match="--prompts-per-step 8 is not divisible by the 3 processes"):
+        sear.setup_distributed(sear.Config(prompts_per_step=8, device="cpu"))
+
+
+# Each rank's micro-batches: their numbers differ, as token-budget packing can make them.
+DDP_MICRO = {0: [[0], [1, 2], [3]], 1: [[4, 5, 6, 7]]}
+
+
+def ddp_update_worker(rank, world, model_dir, out_dir):
+    """One rank of test_ddp_update_matches_single_process: one optimizer step on rows [4 * rank, 4 * rank + 4)."""
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
+    store = torch.distributed.FileStore(os.path.join(out_dir, "store"), world)
+    torch.distributed.init_process_group("gloo", store=store, rank=rank, world_size=world,
+                                         timeout=datetime.timedelta(seconds=60))   # a mismatched collective fails
+    cfg = sear.Config(device="cpu", prompts_per_step=world, beta=0.04, clip_eps=0.2)
+    rank, world, device = sear.setup_distributed(cfg)
+    full, advantages = make_batch(sear.load_tokenizer(model_dir))
+
+    # this rank's rollouts, trimmed to their own padding as rollout_batch would return them
+    local = {key: value[4 * rank:4 * rank + 4] for key, value in full.items()}
+    left = int((local["prompt_mask"].sum(1) - local["prompt_mask"].shape[1]).abs().min())
+    right = int(local["mask"].sum(1).max())
+    local["prompt_ids"], local["prompt_mask"] = local["prompt_ids"][:, left:], local["prompt_mask"][:, left:]
+    local["completion_ids"], local["mask"] = local["completion_ids"][:, :right], local["mask"][:, :right]
+    local["t_rollout"] = float(rank)
+    batch = sear.gather_rollouts(local, world)
+
+    model, _ = sear.load_policy(model_dir, device)
+    reference, _ = sear.load_policy(model_dir, device)
+    with torch.no_grad():
+        reference.model.embed_tokens.weight.mul_(1.1)        # a reference that differs, so KL is non-zero
+    no_autocast = sear.autocast_for(device, "")
+    micro = DDP_MICRO[rank]
+    ref = sear.score_micro_batches(reference, batch, micro, no_autocast)
+    ddp = sear.wrap_ddp(model, world, device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    optimizer.zero_grad(set_to_none=True)
+    n_tokens = int(batch["mask"].sum())
+    sums = sear.backward_micro_batches(model, batch, advantages, micro, n_tokens / world, cfg, no_autocast, None,
+                                       ref, ddp)
+    sums = sear.all_reduce_sums(sums, world, device)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+    optimizer.step()
+    torch.save({"batch": {k: batch[k] for k in ("prompt_ids", "prompt_mask", "completion_ids", "mask", "t_rollout")},
+                "sums": sums, "grad_norm": grad_norm, "grads": [p.grad for p in model.parameters()],
+                "params": [p.detach() for p in model.parameters()]}, os.path.join(out_dir, f"rank{rank}.pt"))
+    sear.teardown_distributed(world)
+
+
+def test_ddp_update_matches_single_process(tmp_path, tiny_model_dir, tokenizer):
+    # SGD rather than train's AdamW: AdamW's first update, lr * g / (|g| + 1e-8), turns the float32 rounding of
+    # gradient entries near 1e-9 (summed in another order on two ranks) into parameter differences near 1e-5.
+    # The gradients themselves are compared below, and AdamW is the same code on every rank.
+    torch.multiprocessing.spawn(ddp_update_worker, args=(2, str(tiny_model_dir), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]
+
+    cfg = sear.Config(beta=0.04, clip_eps=0.2)
+    model, _ = sear.load_policy(str(tiny_model_dir), torch.device("cpu"))
+    reference, _ = sear.load_policy(str(tiny_model_dir), torch.device("cpu"))
+    with torch.no_grad():
+        reference.model.embed_tokens.weight.mul_(1.1)
+    batch, advantages = make_batch(tokenizer)
+    micro = [list(range(8))]
+    no_autocast = sear.autocast_for(torch.device("cpu"), "")
+    ref = sear.score_micro_batches(reference, batch, micro, no_autocast)
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)
+    optimizer.zero_grad(set_to_none=True)
+    sums = sear.backward_micro_batches(model, batch, advantages, micro, int(batch["mask"].sum()), cfg, no_autocast,
+                                       None, ref)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+    optimizer.step()
+
+    # gather_rollouts rebuilt the whole batch, row for row, from the two ranks' differently padded halves
+    joined = ranks[0]["batch"]
+    prompt_width, completion_width = joined["prompt_ids"].shape[1], joined["completion_ids"].shape[1]
+    prompts = (batch["prompt_ids"] * batch["prompt_mask"])[:, -prompt_width:]        # ids where attended, else 0
+    completions = (batch["completion_ids"] * batch["mask"])[:, :completion_width]
+    assert torch.equal(joined["prompt_mask"], batch["prompt_mask"][:, -prompt_width:])
+    assert torch.equal(joined["prompt_ids"] * joined["prompt_mask"], prompts)
+    assert torch.equal(joined["mask"], batch["mask"][:, :completion_width])
+    assert torch.equal(joined["completion_ids"] * joined["mask"], completions)
+    assert joined["t_rollout"] == 1.0                        # the slowest rank's time
+    for result in ranks:
+        for key in ("loss", "kl_sum", "clip_sum", "entropy_sum"):
+            assert result["sums"][key] == pytest.approx(sums[key], rel=1e-5, abs=1e-6), key
+        assert result["grad_norm"] == pytest.approx(grad_norm, rel=1e-5)
+        for a, b in zip(result["grads"], model.parameters()):
+            assert torch.allclose(a, b.grad, atol=1e-7, rtol=1e-5)
+        for a, b in zip(result["params"], model.parameters()):
+            assert torch.allclose(a, b, atol=1e-6)
+    for a, b in zip(ranks[0]["params"], ranks[1]["params"]):
+        assert torch.equal(a, b)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -57,8 +57,8 @@ HERE = Path(__file__).resolve().parent
 # ----------------------------------------------------------------------------------------------------------
 # Config: every knob in one place. argparse is built from these fields, and each run saves them.
 
-def knob(default, help):
-    return field(default=default, metadata={"help": help})
+def knob(default, help, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass
@@ -86,16 +86,21 @@ class Config:
     warmstart_batch: int = knob(32, "traces per warm-start optimizer step")
     # judge
     judge: str = knob("keyword", "'keyword' or a guard model id/path (Qwen3Guard-Gen, Llama Guard 3, WildGuard)")
-    judge_family: str = knob("", "override the detected guard family: qwen3guard, llamaguard or wildguard")
+    judge_family: str = knob("", "override the detected guard family: qwen3guard, llamaguard or wildguard",
+                             choices=("", "qwen3guard", "llamaguard", "wildguard"))
     judge_device: str = knob("", "device of the guard model ('' = the policy's device)")
-    judge_dtype: str = knob("", "dtype of the guard model: bf16, fp16 or fp32 ('' = bf16 on CUDA, fp32 on CPU)")
+    judge_dtype: str = knob("", "dtype of the guard model: bf16, fp16 or fp32 ('' = bf16 on CUDA, fp32 on CPU)",
+                            choices=("", "bf16", "fp16", "fp32"))
     judge_batch: int = knob(16, "guard-model items per forward pass")
     # the game
-    credit: str = knob("process", "'process': each player its own advantages; 'outcome': one scalar per completion")
+    credit: str = knob("process", "'process': each player its own advantages; 'outcome': one scalar per completion",
+                       choices=("process", "outcome"))
     w_reason: float = knob(1.0, "weight of the reasoning player's advantages (0 with --credit outcome = TARS-like)")
     w_answer: float = knob(1.0, "weight of the answer player's advantages")
-    explore_on: str = knob("all", "prompts on which the reasoning player is paid for exploring: all or harmful")
-    step_split: str = knob("paragraph", "how reasoning is cut into steps: paragraph, sentence or none")
+    explore_on: str = knob("all", "prompts on which the reasoning player is paid for exploring: all or harmful",
+                           choices=("all", "harmful"))
+    step_split: str = knob("paragraph", "how reasoning is cut into steps: paragraph, sentence or none",
+                           choices=("paragraph", "sentence", "none"))
     max_steps: int = knob(8, "steps beyond this are merged into the last step")
     # RL
     steps: int = knob(80, "RL steps (one rollout batch and one optimizer update each)")
@@ -108,7 +113,8 @@ class Config:
     weight_decay: float = knob(0.0, "AdamW weight decay")
     beta: float = knob(0.04, "KL coefficient against the frozen reference (0 loads no reference)")
     clip_eps: float = knob(0.2, "PPO clip range of the importance ratio")
-    ppo_epochs: int = knob(1, "optimizer passes over each rollout batch")
+    ppo_epochs: int = knob(1, "optimizer passes over each rollout batch; above 1, lower --lr (at the tiny "
+                                  "default's 5e-4 the second pass measured a k3 KL in the thousands)")
     micro_batch: int = knob(16, "max completions per forward/backward pass (gradient accumulation)")
     micro_batch_tokens: int = knob(8192, "max padded tokens (rows x columns) per forward/backward pass")
     grad_clip: float = knob(1.0, "max gradient norm")
@@ -133,7 +139,8 @@ class Config:
     resume: str = knob("", "continue the run in this folder from its newest complete checkpoint")
     # hardware
     device: str = knob("", "cpu, cuda, cuda:1, ... ('' = cuda when available)")
-    dtype: str = knob("", "forward-pass dtype: bf16, fp16 or fp32 ('' = bf16 autocast on CUDA, fp32 on CPU)")
+    dtype: str = knob("", "forward-pass dtype: bf16, fp16 or fp32 ('' = bf16 autocast on CUDA, fp32 on CPU)",
+                      choices=("", "bf16", "fp16", "fp32"))
     gradient_checkpointing: bool = knob(False, "recompute activations in the backward pass to save memory")
     ref_offload: bool = knob(False, "keep the reference model on the CPU except while it scores a batch")
 
@@ -144,16 +151,22 @@ COMMANDS = ("train", "eval", "judge", "warmstart", "compare", "plot", "show")   
 def parse_args(argv=None):
     """Parse `[COMMAND] --flag value ...` into (command, Config); COMMAND defaults to train."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and not argv[0].startswith("-") and argv[0] not in COMMANDS:
+        raise InputError(f"unknown command {argv[0]!r}; use one of {', '.join(COMMANDS)} (train is the default)")
     command = argv.pop(0) if argv and argv[0] in COMMANDS else "train"
-    parser = argparse.ArgumentParser(prog=f"sear.py {command}", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=f"sear.py {command}", description=__doc__.split("\n\n")[0],
+        epilog=f"commands: {', '.join(COMMANDS)} (train when none is given); every command takes these flags and "
+               f"uses those it needs. compare and plot take run folders first; show has its own --help.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
             parser.add_argument(flag, action="store_true", help=f.metadata["help"])
         else:
             kind = {"int": int, "float": float, "str": str}.get(f.type, f.type)
-            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"])
+            parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"],
+                                choices=f.metadata["choices"])
     args = parser.parse_args(argv)
     return command, Config(**vars(args))
 
@@ -229,14 +242,33 @@ def check_local_file(path):
         reader = csv.reader(io.StringIO(text, newline=""), strict=True)
         try:
             header = next(reader)
+            data_rows = 0
             for row in reader:
+                data_rows += bool(row)
                 if row and len(row) != len(header):
                     raise InputError(f"{path}, line {reader.line_num}: {len(row)} fields but the header has "
                                      f"{len(header)}; quote fields that contain commas with double quotes")
         except csv.Error as error:
             raise InputError(f"{path}, line {reader.line_num}: malformed CSV ({error}); quote fields that contain "
                              f"commas, quotes or line breaks with double quotes and double every quote inside")
+        if not data_rows:
+            raise InputError(f"{path}: the file has a header but no rows; add prompt rows")
     return None
+
+
+def load_local_table(path, builder, json_field=None):
+    """Read a checked local file with `datasets`; a file it cannot parse or that has no rows is an InputError."""
+    import datasets
+
+    options = {"field": json_field} if json_field else {}
+    try:
+        table = datasets.load_dataset(builder, data_files=str(path), split="train", **options)
+    except Exception as error:  # pyarrow and datasets raise many types for unreadable files
+        raise InputError(f"{path}: could not be read as {path.suffix} ({type(error).__name__}: "
+                         f"{str(error).splitlines()[0][:200]}); check that the file is complete and of that type")
+    if len(table) == 0:
+        raise InputError(f"{path}: the file has a header but no rows; add prompt rows")
+    return table
 
 
 def load_prompts(source, prompt_field="prompt", label_field="label", split=None, limit=None):
@@ -262,8 +294,7 @@ def load_prompts(source, prompt_field="prompt", label_field="label", split=None,
         if builder is None:
             raise InputError(f"{source}: unsupported file type {path.suffix!r}; use .jsonl, .json, .csv or .parquet")
         json_field = check_local_file(path) if builder != "parquet" else None
-        options = {"field": json_field} if json_field else {}
-        table = datasets.load_dataset(builder, data_files=str(path), split="train", **options)
+        table = load_local_table(path, builder, json_field)
     else:
         try:
             table = datasets.load_dataset(source, split=split or "train")
@@ -283,9 +314,15 @@ def load_prompts(source, prompt_field="prompt", label_field="label", split=None,
             if default_label and prompt_field in table.column_names:
                 skipped += 1
                 continue
+            if prompt_field in table.column_names:
+                raise InputError(f"{where}: field {prompt_field!r} is empty (null); give every row a prompt or "
+                                 f"remove the row")
             raise InputError(f"{where}: missing field {prompt_field!r} (columns: {sorted(row)}); "
                              f"name the prompt column with --prompt-field")
         if row.get(label_field) is None and not default_label:
+            if label_field in table.column_names:
+                raise InputError(f"{where}: field {label_field!r} is empty (null); give every row a label or "
+                                 f"remove the row")
             raise InputError(f"{where}: missing field {label_field!r} (columns: {sorted(row)}); "
                              f"name the label column with --label-field")
         prompt = row[prompt_field]
@@ -1663,7 +1700,11 @@ def autocast_for(device, dtype_name):
 
 def load_tokenizer(name_or_path, trust_remote_code=False):
     """Load a tokenizer set up for batched generation: left padding and a pad token."""
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except OSError as error:          # a missing folder and an unreachable hub id both raise OSError
+        raise InputError(f"model {name_or_path!r}: no tokenizer found ({str(error).splitlines()[0][:200]}); give a "
+                         f"local model folder or a Hugging Face id")
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -2138,14 +2179,14 @@ def load_samples(run):
     """Read the records of samples.jsonl in the run folder `run` (or of `run` itself when it is a file)."""
     path = Path(run)
     if not path.exists():
-        raise SystemExit(f"error: run folder {path} not found; pass the folder given to `sear.py train --out`")
+        raise InputError(f"run folder {path} not found; pass the folder given to `sear.py train --out`")
     if path.is_dir():
         path = path / SAMPLES_FILE
     if not path.is_file():
-        raise SystemExit(f"error: {path} not found; `sear.py train --out RUN` writes RUN/{SAMPLES_FILE}")
+        raise InputError(f"{path} not found; `sear.py train --out RUN` writes RUN/{SAMPLES_FILE}")
     records = read_jsonl(path)
     if not records:
-        raise SystemExit(f"error: {path} contains no rollouts; train with --samples-per-log above 0")
+        raise InputError(f"{path} contains no rollouts; train with --samples-per-log above 0")
     return records
 
 
@@ -2153,12 +2194,12 @@ def select_samples(records, step=None, index=None):
     """Keep the records logged at `step` and with position `index` in their step's log (None keeps all)."""
     steps = sorted({r["step"] for r in records})
     if step is not None and step not in steps:
-        raise SystemExit(f"error: --step {step}: no rollouts logged at that step; logged steps: {steps}")
+        raise InputError(f"--step {step}: no rollouts logged at that step; logged steps: {steps}")
     chosen = [r for r in records if step is None or r["step"] == step]
     selected = [r for r in chosen if index is None or r["index"] == index]
     if not selected:
         positions = sorted({r["index"] for r in chosen})
-        raise SystemExit(f"error: --index {index}: no such rollout; logged indices: {positions}")
+        raise InputError(f"--index {index}: no such rollout; logged indices: {positions}")
     return selected
 
 
@@ -2649,6 +2690,9 @@ def train(cfg):
         version, internal, gauss = state["data_rng"]
         data_rng.setstate((version, tuple(internal), gauss))
         order, position, first_step = state["order"], state["data_position"], state["step"] + 1
+        if first_step > cfg.steps:
+            raise InputError(f"--resume {out}: the run already has {first_step - 1} steps; pass --steps above "
+                             f"{first_step - 1} to train further")
         print(f"resuming from {checkpoint} at step {first_step}")
     if rank == 0:
         truncate_metrics(out / "metrics.jsonl", first_step - 1)
@@ -2911,11 +2955,15 @@ def run_eval(cfg):
     device = pick_device(cfg.device)
     split = resolve_split(cfg.data, cfg.split, "eval")
     rows = load_prompts(cfg.data, cfg.prompt_field, cfg.label_field, split or None, cfg.limit or None)
+    if not rows:
+        raise InputError(f"{cfg.data}: no prompts to evaluate (split {split!r}); check --data, --split and the file")
     model_path = resolve_model(cfg, device)
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     rows = check_prompt_lengths(rows, tokenizer, cfg.max_prompt_tokens, cfg.skip_long_prompts, cfg.data)
     model = load_model(model_path, device, cfg.trust_remote_code)
     judge = make_judge(cfg, device)
+    print(f"evaluating {cfg.model} on {len(rows)} prompts x {cfg.eval_samples} samples ({cfg.data}, split "
+          f"{split or 'all'}), temperature {cfg.eval_temperature}, seed {cfg.seed}")
     report, records = evaluate(model, tokenizer, judge, rows, cfg, device)
     report = {"model": cfg.model, "data": cfg.data, "split": split, **report}
     columns = [("no prefill" if cfg.prefill else Path(cfg.model).name[-20:] or cfg.model, report)]
@@ -2951,10 +2999,13 @@ def load_pairs(source, prompt_field, response_field, label_field):
         if builder is None:
             raise InputError(f"{source}: unsupported file type {path.suffix!r}; use .jsonl, .json, .csv or .parquet")
         json_field = check_local_file(path) if builder != "parquet" else None
-        table = datasets.load_dataset(builder, data_files=str(path), split="train",
-                                      **({"field": json_field} if json_field else {}))
+        table = load_local_table(path, builder, json_field)
     else:
-        table = datasets.load_dataset(source, split="train")
+        try:
+            table = datasets.load_dataset(source, split="train")
+        except Exception as error:  # datasets raises many types for a missing or unreachable dataset
+            raise InputError(f"{source}: not a local file and could not be loaded from the hub "
+                             f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); check the path or id")
     for field_name in (prompt_field, response_field):
         if field_name not in table.column_names:
             raise InputError(f"{source}: missing field {field_name!r} (columns: {table.column_names}); name it with "
@@ -2983,6 +3034,8 @@ def run_judge(cfg):
     if not cfg.out:
         raise InputError("judge needs --out FILE.jsonl for the scored rows")
     rows, skipped = load_pairs(cfg.data, cfg.prompt_field, cfg.response_field, cfg.label_field)
+    if not rows:
+        raise InputError(f"{cfg.data}: no (prompt, response) pairs to score ({skipped} rows with a null field)")
     judge = make_judge(cfg, pick_device(cfg.device))
     prompts = [str(r[cfg.prompt_field]) for r in rows]
     texts = [str(r[cfg.response_field]) for r in rows]
@@ -3017,15 +3070,15 @@ def run_judge(cfg):
 
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["show"]:              # show takes a positional run folder, so it has its own parser
-        show(parse_show_args(argv[1:]))
-        return
     runs = []
     if argv[:1] in (["compare"], ["plot"]):  # these take run folders first, then the usual flags
         while len(argv) > 1 and not argv[1].startswith("-"):
             runs.append(argv.pop(1))
-    command, cfg = parse_args(argv)
     try:
+        if argv[:1] == ["show"]:          # show takes a positional run folder, so it has its own parser
+            show(parse_show_args(argv[1:]))
+            return
+        command, cfg = parse_args(argv)
         if command == "compare":
             compare(runs, cfg)
         elif command == "plot":

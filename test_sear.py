@@ -129,8 +129,8 @@ def test_load_prompts_parquet(tmp_path):
 
 
 @pytest.mark.parametrize("row,needle", [
-    ({"text": "x", "label": "safe"}, "missing field 'prompt'"),
-    ({"prompt": "x"}, "missing field 'label'"),
+    ({"text": "x", "label": "safe"}, "field 'prompt' is empty (null)"),
+    ({"prompt": "x"}, "field 'label' is empty (null)"),
     ({"prompt": "  ", "label": "safe"}, "field 'prompt' is empty"),
     ({"prompt": "x", "label": "dangerous"}, "unknown label 'dangerous'"),
 ])
@@ -1657,12 +1657,12 @@ def test_show_step_and_index_filters(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("=== step") == 1
     assert "=== step 9, rollout 1 (batch row 1)" in out
-    with pytest.raises(SystemExit, match=r"logged steps: \[5, 9\]"):
-        sear.main(["show", str(run), "--step", "4"])
-    with pytest.raises(SystemExit, match="run folder .*missing not found"):
-        sear.main(["show", str(tmp_path / "missing")])
-    with pytest.raises(SystemExit, match="samples.jsonl not found"):
-        sear.main(["show", str(tmp_path)])
+    for argv, needle in ((["show", str(run), "--step", "4"], "logged steps: [5, 9]"),
+                         (["show", str(tmp_path / "missing")], "missing not found"),
+                         (["show", str(tmp_path)], "samples.jsonl not found")):
+        code, line = run_cli_error(argv, capsys)
+        assert code == 2
+        assert needle in line
 
 
 def test_show_html_escapes_completion(tmp_path):
@@ -1890,3 +1890,57 @@ def test_ref_offload_trains_with_reference_on_cpu(tmp_path, tiny_model_dir):
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert record["kl"] == pytest.approx(0.0, abs=1e-6)       # policy and reference still agree at step 1
     assert record["t_ref"] > 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command-line mistakes fail with one line and exit code 2
+
+@pytest.mark.parametrize("argv,needle", [
+    (["evall", "--steps", "1"], "unknown command 'evall'"),
+    (["--credit", "bogus"], None),
+    (["--step-split", "paragraphs"], None),
+    (["--explore-on", "benign"], None),
+])
+def test_cli_rejects_unknown_values(argv, needle, capsys):
+    with pytest.raises(SystemExit) as stop:
+        sear.main(argv)
+    assert stop.value.code == 2
+    if needle:
+        assert needle in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,content,needle", [
+    ("header.csv", b"prompt,label\n", "header but no rows"),
+    ("corrupt.parquet", b"not a parquet file at all", "could not be read as .parquet"),
+    ("null.jsonl", b'{"prompt": null, "label": "safe"}\n', "field 'prompt' is empty (null)"),
+])
+def test_unreadable_tables_exit_code(tmp_path, capsys, name, content, needle):
+    path = tmp_path / name
+    path.write_bytes(content)
+    code, line = run_cli_error(["eval", "--data", str(path), "--model", "x"], capsys)
+    assert code == 2
+    assert needle in line
+
+
+def test_missing_model_is_input_error(tmp_path, capsys):
+    code, line = run_cli_error(["eval", "--data", str(prompt_file(tmp_path)), "--model", str(tmp_path / "nope")],
+                               capsys)
+    assert code == 2
+    assert "no tokenizer found" in line
+
+
+def test_judge_missing_file_is_input_error(tmp_path, capsys):
+    code, line = run_cli_error(["judge", "--data", str(tmp_path / "missing.csv"), "--out", str(tmp_path / "o.jsonl")],
+                               capsys)
+    assert code == 2
+    assert "could not be loaded from the hub" in line
+
+
+def test_resume_of_finished_run_needs_more_steps(tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "run"
+    sear.main(["train", "--model", str(tiny_model_dir), "--data", str(prompt_file(tmp_path)), "--out", str(out),
+               "--steps", "1", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "4",
+               "--no-eval", "--beta", "0"])
+    code, line = run_cli_error(["train", "--resume", str(out)], capsys)
+    assert code == 2
+    assert "already has 1 steps" in line

@@ -4,7 +4,8 @@
 
 Per run: the median over the steps after the first `--warmup` of the step time, the CPU time, the mean
 completion length and the step time per thousand completion tokens, plus the peak resident memory and the
-resident memory when training began. sear.py's step time is `t_step` from its metrics.jsonl (rollout + judge +
+resident memory when training began; and the median time in `generate` (sear.py's t_rollout, TRL's calls of
+the policy's generate, recorded by bench/trl_grpo.py). sear.py's step time is `t_step` from its metrics.jsonl (rollout + judge +
 reference + update); its whole-loop time (from bench/sear_steps.py) is shown beside it, its last step left out
 because that one also saves the checkpoint. TRL's step time is on_step_begin to on_step_end. Then per
 configuration: the median over every kept step of its runs, and the ratio to TRL, both of the pooled medians
@@ -42,6 +43,8 @@ def run_row(name, data, warmup):
         "step": statistics.median(step), "steps": step,
         "loop": statistics.median(kept(data["step_seconds"], warmup, drop_last=True)) if is_sear else None,
         "cpu": statistics.median(kept(data["step_cpu_seconds"], warmup, drop_last=is_sear)),
+        "gen": (statistics.median(kept(data["t_rollout"] if is_sear else data.get("generate_seconds", []), warmup))
+                if is_sear or data.get("generate_seconds") else None),
         "len": statistics.mean(lens), "per_k": statistics.median(per_k), "per_k_all": per_k,
         "peak": data["peak_rss_mb"], "rss0": data["rss_at_train_begin_mb"],
     }
@@ -56,12 +59,13 @@ def main(argv=None):
     runs = [r for r in (load(f) for f in sorted(Path(args.results).iterdir()) if f.is_dir()) if r]
     rows = {(name, rnd): run_row(name, data, args.warmup) for name, rnd, data in runs}
 
-    print("| run | step s (median) | sear.py loop s | CPU s | mean completion tokens | s per 1k tokens | "
+    print("| run | step s (median) | sear.py loop s | generate s | CPU s | mean completion tokens | s per 1k tokens | "
           "peak RSS MiB | RSS at start MiB |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for (name, rnd), r in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         loop = f"{r['loop']:.1f}" if r["loop"] is not None else "-"
-        print(f"| {rnd}-{name} | {r['step']:.1f} | {loop} | {r['cpu']:.1f} | {r['len']:.1f} | {r['per_k']:.2f} | "
+        gen = f"{r['gen']:.1f}" if r["gen"] is not None else "-"
+        print(f"| {rnd}-{name} | {r['step']:.1f} | {loop} | {gen} | {r['cpu']:.1f} | {r['len']:.1f} | {r['per_k']:.2f} | "
               f"{r['peak']:.0f} | {r['rss0']:.0f} |")
 
     names = sorted({name for name, _ in rows})

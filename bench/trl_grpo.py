@@ -22,7 +22,7 @@ What it sets up to match `sear.py train --credit outcome` with its defaults:
 
 It writes OUT/result.json: the wall time of each optimizer step (TrainerCallback on_step_begin to on_step_end,
 which covers generation, reward, reference and policy passes and the optimizer step) and its process CPU time,
-the mean completion length of each step, the reward function's time, the process's peak resident memory
+the mean completion length of each step, the time in `generate` and in the reward function, the process's peak resident memory
 (ru_maxrss, MiB) and the resident memory when training began.
 """
 import argparse
@@ -106,6 +106,17 @@ def main(argv=None):
                                   "label": r["label"]} for r in rows])
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    generate_seconds = []
+    untimed_generate = model.generate
+
+    def timed_generate(*a, **kw):            # TRL calls the policy's own generate; time it as sear.py's t_rollout
+        t0 = time.perf_counter()
+        try:
+            return untimed_generate(*a, **kw)
+        finally:
+            generate_seconds.append(time.perf_counter() - t0)
+
+    model.generate = timed_generate
     eos_ids = set(sear.eos_token_ids(model, tokenizer))
     judge = sear.KeywordJudge()
     reward_seconds = []
@@ -172,7 +183,7 @@ def main(argv=None):
         "generation_batch_size": config.generation_batch_size, "steps": args.steps,
         "step_seconds": timer.seconds, "step_cpu_seconds": timer.cpu_seconds,
         "len_mean": [log["completions/mean_length"] for log in timer.logs],
-        "reward_seconds": reward_seconds,
+        "reward_seconds": reward_seconds, "generate_seconds": generate_seconds,
         "rss_at_train_begin_mb": timer.rss_at_start, "peak_rss_mb": peak_rss_mb(),
     }
     (out / "result.json").write_text(json.dumps(result, indent=1))

@@ -2215,18 +2215,19 @@ def _terminal_safe(text):
     return "".join(c if c in "\n\t" or unicodedata.category(c) != "Cc" else f"\\x{ord(c):02x}" for c in text)
 
 
+def advantage_sign(value):
+    """'positive', 'negative' or 'zero': how both views colour an advantage."""
+    return "positive" if value > 0 else "negative" if value < 0 else "zero"
+
+
 def format_rollout(record, color=False):
     """Format one record for the terminal: a header with the verdict, the prompt, then each segment and its scores."""
     def paint(text, key):
         return f"\x1b[{ANSI_CODES[key]}m{text}\x1b[0m" if color else text
 
     def advantage(value):
-        key = "dim"
-        if value > 0:
-            key = "positive"
-        elif value < 0:
-            key = "negative"
-        return paint(f"{value:+.3f}", key)
+        sign = advantage_sign(value)
+        return paint(f"{value:+.3f}", "dim" if sign == "zero" else sign)
 
     verdict = rollout_verdict(record)
     lines = [paint(f"=== step {record['step']}, rollout {record['index']} (batch row {record['batch_index']}), "
@@ -2260,11 +2261,7 @@ def render_html(records, title="SEAR rollouts"):
     esc = html.escape
 
     def advantage(value):
-        kind = "zero"
-        if value > 0:
-            kind = "pos"
-        elif value < 0:
-            kind = "neg"
+        kind = {"positive": "pos", "negative": "neg", "zero": "zero"}[advantage_sign(value)]
         return f'<span class="{kind}">{value:+.3f}</span>'
 
     steps = sorted({int(r["step"]) for r in records})

@@ -12,8 +12,9 @@ From the repository root, with sear.py's virtual environment:
         --out /tmp/bench_sear --overwrite --credit outcome
 
 Every argument goes to sear.py unchanged. Afterwards OUT/bench.json holds, per step, sear.py's t_step and its
-phases, the loop's wall and CPU seconds and the mean completion length, plus the peak resident memory
-(ru_maxrss, MiB, the same figure as metrics.jsonl's peak_mem_mb) and the resident memory before the first step.
+phases, the loop's wall and CPU seconds and the mean and longest completion length, plus the peak resident
+memory (ru_maxrss, MiB, the same figure as metrics.jsonl's peak_mem_mb) and the resident memory before the first
+step.
 """
 import json
 import os
@@ -71,7 +72,7 @@ def main(argv):
         "t_step": [m["t_step"] for m in metrics],
         **{k: [m[k] for m in metrics] for k in ("t_rollout", "t_judge", "t_ref", "t_update")},
         "step_seconds": walls, "step_cpu_seconds": cpus,
-        "len_mean": [m["len_mean"] for m in metrics],
+        "len_mean": [m["len_mean"] for m in metrics], "len_max": [m["len_max"] for m in metrics],
         "rss_at_train_begin_mb": rss_before[0] if rss_before else None,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "peak_mem_mb_metrics": metrics[-1]["peak_mem_mb"],

@@ -1,101 +1,114 @@
-"""Print the side-by-side table of a bench/run.sh results folder as Markdown (standard library only).
+"""Print the tables of a bench/run.sh results folder as Markdown (standard library only).
 
-    python3 bench/summarize.py RESULTS_DIR [--warmup 2]
+    python3 bench/summarize.py RESULTS_DIR [--warmup 2] [--rounds 2,3,4]
 
-Per run: the median over the steps after the first `--warmup` of the step time, the CPU time, the mean
-completion length and the step time per thousand completion tokens, plus the peak resident memory and the
-resident memory when training began; and the median time in `generate` (sear.py's t_rollout, TRL's calls of
-the policy's generate, recorded by bench/trl_grpo.py). sear.py's step time is `t_step` from its metrics.jsonl (rollout + judge +
-reference + update); its whole-loop time (from bench/sear_steps.py) is shown beside it, its last step left out
-because that one also saves the checkpoint. TRL's step time is on_step_begin to on_step_end. Then per
-configuration: the median over every kept step of its runs, and the ratio to TRL, both of the pooled medians
-and as the median of the per-round ratios (round r of sear.py against round r of TRL, which run back to back).
+Step time: sear.py's `t_step` from metrics.jsonl (rollout + judge + reference + update); TRL's on_step_begin to
+on_step_end. "sear.py loop" is the whole body of sear.py's training loop (bench/sear_steps.py), its last step
+left out because that one also saves the checkpoint. "generate" is sear.py's t_rollout and, for TRL, the time in
+the policy's `generate`; "rest" is step minus generate. "ms per decode step" is generate time over the longest
+completion of the step: batched generation runs until its longest row ends, so this is the generation speed with
+the luck of the sampled lengths taken out. Every figure is a median over the steps after the first --warmup,
+except peak RSS (the process's ru_maxrss) and the mean completion length.
+
+The second table pools each configuration's kept steps over its runs and compares with TRL twice: the ratio of
+the pooled medians, and the median of the per-round ratios (round r of sear.py against round r of TRL, which
+ran back to back, so the load they saw was alike).
 """
 import argparse
 import json
+import re
 import statistics
 from pathlib import Path
 
 COMPLETIONS_PER_STEP = 64
 
 
-def load(folder):
-    """(config name, round, per-step dict of lists, scalars) of one run folder, or None when it did not finish."""
-    round_, _, name = folder.name.partition("-")
-    for file in ("bench.json", "result.json"):
-        if (folder / file).exists():
-            data = json.loads((folder / file).read_text())
-            return name, int(round_), data
-    return None
+def load_runs(results):
+    """{(config, round): data} of the finished runs, and {run name: 1-minute load average at its start}."""
+    runs = {}
+    for folder in sorted(Path(results).iterdir()):
+        round_, _, name = folder.name.partition("-")
+        for file in ("bench.json", "result.json"):
+            if folder.is_dir() and round_.isdigit() and (folder / file).exists():
+                runs[(name, int(round_))] = json.loads((folder / file).read_text())
+    loads = {}
+    load_file = Path(results) / "load.txt"
+    if load_file.exists():
+        for line in load_file.read_text().splitlines():
+            m = re.match(r"(\S+) start .* load (\S+)", line)
+            if m:
+                loads[m.group(1)] = float(m.group(2))
+    return runs, loads
 
 
-def kept(values, warmup, drop_last=False):
-    values = values[warmup:]
-    return values[:-1] if drop_last else values
-
-
-def run_row(name, data, warmup):
+def per_step(data, warmup):
+    """Kept steps of one run: dict of equal-length lists."""
     is_sear = data["tool"] == "sear"
-    step = kept(data["t_step"] if is_sear else data["step_seconds"], warmup)
-    lens = kept(data["len_mean"], warmup)
-    per_k = [1000 * s / (n * COMPLETIONS_PER_STEP) for s, n in zip(step, lens)]
-    row = {
-        "step": statistics.median(step), "steps": step,
-        "loop": statistics.median(kept(data["step_seconds"], warmup, drop_last=True)) if is_sear else None,
-        "cpu": statistics.median(kept(data["step_cpu_seconds"], warmup, drop_last=is_sear)),
-        "gen": (statistics.median(kept(data["t_rollout"] if is_sear else data.get("generate_seconds", []), warmup))
-                if is_sear or data.get("generate_seconds") else None),
-        "len": statistics.mean(lens), "per_k": statistics.median(per_k), "per_k_all": per_k,
-        "peak": data["peak_rss_mb"], "rss0": data["rss_at_train_begin_mb"],
+    step = data["t_step"] if is_sear else data["step_seconds"]
+    gen = data["t_rollout"] if is_sear else data["generate_seconds"]
+    out = {
+        "step": step, "gen": gen, "rest": [s - g for s, g in zip(step, gen)],
+        "ms_decode": [1000 * g / n for g, n in zip(gen, data["len_max"])],
+        "per_k": [1000 * s / (n * COMPLETIONS_PER_STEP) for s, n in zip(step, data["len_mean"])],
+        "cpu": data["step_cpu_seconds"], "len": data["len_mean"], "len_max": data["len_max"],
     }
-    return row
+    return {k: v[warmup:] for k, v in out.items()}
+
+
+def fmt(x, digits=2):
+    return "-" if x is None else f"{x:.{digits}f}"
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("results")
     p.add_argument("--warmup", type=int, default=2, help="first steps of each run left out")
+    p.add_argument("--rounds", default="", help="comma-separated rounds to keep (default: all)")
     args = p.parse_args(argv)
-    runs = [r for r in (load(f) for f in sorted(Path(args.results).iterdir()) if f.is_dir()) if r]
-    rows = {(name, rnd): run_row(name, data, args.warmup) for name, rnd, data in runs}
+    runs, loads = load_runs(args.results)
+    if args.rounds:
+        keep = {int(r) for r in args.rounds.split(",")}
+        runs = {k: v for k, v in runs.items() if k[1] in keep}
+    steps = {k: per_step(v, args.warmup) for k, v in runs.items()}
+    med = statistics.median
 
-    print("| run | step s (median) | sear.py loop s | generate s | CPU s | mean completion tokens | s per 1k tokens | "
-          "peak RSS MiB | RSS at start MiB |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for (name, rnd), r in sorted(rows.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        loop = f"{r['loop']:.1f}" if r["loop"] is not None else "-"
-        gen = f"{r['gen']:.1f}" if r["gen"] is not None else "-"
-        print(f"| {rnd}-{name} | {r['step']:.1f} | {loop} | {gen} | {r['cpu']:.1f} | {r['len']:.1f} | {r['per_k']:.2f} | "
-              f"{r['peak']:.0f} | {r['rss0']:.0f} |")
+    print("| run | load at start | step s | sear.py loop s | generate s | rest s | ms per decode step | CPU s | "
+          "mean / longest completion tokens | s per 1k completion tokens | peak RSS MiB | RSS at start MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for (name, rnd), data in sorted(runs.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        s = steps[(name, rnd)]
+        loop = (med(data["step_seconds"][args.warmup:-1]) if data["tool"] == "sear" else None)
+        print(f"| {rnd}-{name} | {fmt(loads.get(f'{rnd}-{name}'))} | {fmt(med(s['step']))} | {fmt(loop)} | "
+              f"{fmt(med(s['gen']))} | {fmt(med(s['rest']))} | {fmt(med(s['ms_decode']), 1)} | "
+              f"{fmt(med(s['cpu']), 1)} | {statistics.mean(s['len']):.1f} / {statistics.mean(s['len_max']):.0f} | "
+              f"{fmt(med(s['per_k']))} | {data['peak_rss_mb']:.0f} | {data['rss_at_train_begin_mb']:.0f} |")
 
-    names = sorted({name for name, _ in rows})
+    names = sorted({name for name, _ in runs}, key=lambda n: (n == "trl", n))
     pooled = {}
     for name in names:
-        mine = [r for (n, _), r in rows.items() if n == name]
-        pooled[name] = {
-            "step": statistics.median([s for r in mine for s in r["steps"]]),
-            "per_k": statistics.median([s for r in mine for s in r["per_k_all"]]),
-            "peak": statistics.median([r["peak"] for r in mine]),
-            "len": statistics.mean([r["len"] for r in mine]),
-            "runs": len(mine),
-        }
+        mine = [steps[k] for k in runs if k[0] == name]
+        pooled[name] = {key: med([x for s in mine for x in s[key]]) for key in ("step", "gen", "rest", "ms_decode",
+                                                                                 "per_k")}
+        pooled[name]["len"] = statistics.mean([x for s in mine for x in s["len"]])
+        pooled[name]["peak"] = med([runs[k]["peak_rss_mb"] for k in runs if k[0] == name])
+        pooled[name]["runs"] = len(mine)
     print()
-    print("| configuration | runs | median step s | median s per 1k tokens | mean completion tokens | "
-          "median peak RSS MiB | step ratio to TRL (pooled) | step ratio to TRL (per round, median) | "
-          "peak RSS ratio to TRL |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| configuration | runs | step s | generate s | rest s | ms per decode step | mean completion tokens | "
+          "s per 1k completion tokens | peak RSS MiB | step / TRL (pooled) | step / TRL (median of rounds) | "
+          "rest / TRL | peak RSS / TRL |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     trl = pooled.get("trl")
     for name in names:
         q = pooled[name]
-        ratio = per_round = mem = "-"
+        ratio = per_round = rest = mem = None
         if trl and name != "trl":
-            ratio = f"{q['step'] / trl['step']:.2f}"
-            rounds = [rows[(name, rnd)]["step"] / rows[("trl", rnd)]["step"]
-                      for (n, rnd) in rows if n == name and ("trl", rnd) in rows]
-            per_round = f"{statistics.median(rounds):.2f}" if rounds else "-"
-            mem = f"{q['peak'] / trl['peak']:.2f}"
-        print(f"| {name} | {q['runs']} | {q['step']:.1f} | {q['per_k']:.2f} | {q['len']:.1f} | {q['peak']:.0f} | "
-              f"{ratio} | {per_round} | {mem} |")
+            ratio, rest, mem = q["step"] / trl["step"], q["rest"] / trl["rest"], q["peak"] / trl["peak"]
+            rounds = [med(steps[(name, r)]["step"]) / med(steps[("trl", r)]["step"])
+                      for (n, r) in runs if n == name and ("trl", r) in runs]
+            per_round = med(rounds) if rounds else None
+        print(f"| {name} | {q['runs']} | {fmt(q['step'])} | {fmt(q['gen'])} | {fmt(q['rest'])} | "
+              f"{fmt(q['ms_decode'], 1)} | {q['len']:.1f} | {fmt(q['per_k'])} | {q['peak']:.0f} | {fmt(ratio)} | "
+              f"{fmt(per_round)} | {fmt(rest)} | {fmt(mem)} |")
 
 
 if __name__ == "__main__":

@@ -22,8 +22,8 @@ What it sets up to match `sear.py train --credit outcome` with its defaults:
 
 It writes OUT/result.json: the wall time of each optimizer step (TrainerCallback on_step_begin to on_step_end,
 which covers generation, reward, reference and policy passes and the optimizer step) and its process CPU time,
-the mean completion length of each step, the time in `generate` and in the reward function, the process's peak resident memory
-(ru_maxrss, MiB) and the resident memory when training began.
+the mean and longest completion length of each step, the time in `generate` and in the reward function, the
+process's peak resident memory (ru_maxrss, MiB) and the resident memory when training began.
 """
 import argparse
 import json
@@ -183,6 +183,7 @@ def main(argv=None):
         "generation_batch_size": config.generation_batch_size, "steps": args.steps,
         "step_seconds": timer.seconds, "step_cpu_seconds": timer.cpu_seconds,
         "len_mean": [log["completions/mean_length"] for log in timer.logs],
+        "len_max": [log["completions/max_length"] for log in timer.logs],
         "reward_seconds": reward_seconds, "generate_seconds": generate_seconds,
         "rss_at_train_begin_mb": timer.rss_at_start, "peak_rss_mb": peak_rss_mb(),
     }

@@ -24,7 +24,7 @@ COMPLETIONS_PER_STEP = 64
 
 
 def load_runs(results):
-    """{(config, round): data} of the finished runs, and {run name: 1-minute load average at its start}."""
+    """{(config, round): data} of the finished runs, and {run name: [1-minute load average at start, at end]}."""
     runs = {}
     for folder in sorted(Path(results).iterdir()):
         round_, _, name = folder.name.partition("-")
@@ -35,9 +35,9 @@ def load_runs(results):
     load_file = Path(results) / "load.txt"
     if load_file.exists():
         for line in load_file.read_text().splitlines():
-            m = re.match(r"(\S+) start .* load (\S+)", line)
+            m = re.match(r"(\S+) (?:start|end) .* load (\S+)", line)
             if m:
-                loads[m.group(1)] = float(m.group(2))
+                loads.setdefault(m.group(1), []).append(float(m.group(2)))
     return runs, loads
 
 
@@ -72,13 +72,14 @@ def main(argv=None):
     steps = {k: per_step(v, args.warmup) for k, v in runs.items()}
     med = statistics.median
 
-    print("| run | load at start | step s | sear.py loop s | generate s | rest s | ms per decode step | CPU s | "
+    print("| run | load at start / end | step s | sear.py loop s | generate s | rest s | ms per decode step | CPU s | "
           "mean / longest completion tokens | s per 1k completion tokens | peak RSS MiB | RSS at start MiB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for (name, rnd), data in sorted(runs.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         s = steps[(name, rnd)]
         loop = (med(data["step_seconds"][args.warmup:-1]) if data["tool"] == "sear" else None)
-        print(f"| {rnd}-{name} | {fmt(loads.get(f'{rnd}-{name}'))} | {fmt(med(s['step']))} | {fmt(loop)} | "
+        load = " / ".join(f"{x:.1f}" for x in loads.get(f"{rnd}-{name}", [])) or "-"
+        print(f"| {rnd}-{name} | {load} | {fmt(med(s['step']))} | {fmt(loop)} | "
               f"{fmt(med(s['gen']))} | {fmt(med(s['rest']))} | {fmt(med(s['ms_decode']), 1)} | "
               f"{fmt(med(s['cpu']), 1)} | {statistics.mean(s['len']):.1f} / {statistics.mean(s['len_max']):.0f} | "
               f"{fmt(med(s['per_k']))} | {data['peak_rss_mb']:.0f} | {data['rss_at_train_begin_mb']:.0f} |")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Side-by-side benchmark of sear.py's RL step and TRL's GRPOTrainer; see bench/README.md.
+# Side-by-side benchmark of sear.py's RL step and TRL's GRPOTrainer. See bench/README.md.
 #
 #   bench/run.sh RESULTS_DIR
 #

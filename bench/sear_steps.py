@@ -4,7 +4,7 @@ sear.py's own per-step figure, `t_step` in OUT/metrics.jsonl, is the sum of its 
 judge, reference pass, update). It leaves out the work between them: decoding, segmenting, advantages, micro-batch
 packing and the metrics line. This wrapper times the whole loop body too, by stamping each iteration of the
 progress bar that `for step in bar` walks in sear.train, so the figure is comparable with TRL's
-on_step_begin-to-on_step_end time. The last step's figure also holds the checkpoint save, so drop it.
+on_step_begin-to-on_step_end time. The last step's figure also includes the checkpoint save, so drop it.
 
 From the repository root, with sear.py's virtual environment:
 
@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def rss_now_mb():
+    """Return the current resident set size of this process in MiB, read from /proc (Linux only)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
@@ -46,7 +47,7 @@ def main(argv):
     stamps, cpu, rss_before = [], [], []
 
     class TimedBar(sear.tqdm):
-        """sear's progress bar, stamping the wall clock and process CPU time at each step boundary."""
+        """Progress bar of sear.train that stamps the wall clock and the process CPU time at each step boundary."""
 
         def __iter__(self):
             for item in super().__iter__():

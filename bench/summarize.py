@@ -10,9 +10,9 @@ completion of the step: batched generation runs until its longest row ends, so t
 the luck of the sampled lengths taken out. Every figure is a median over the steps after the first --warmup,
 except peak RSS (the process's ru_maxrss) and the mean completion length.
 
-The second table pools each configuration's kept steps over its runs and compares with TRL twice: the ratio of
-the pooled medians, and the median of the per-round ratios (round r of sear.py against round r of TRL, which
-ran back to back, so the load they saw was alike).
+The second table pools each configuration's kept steps over its runs and compares them with TRL twice. The
+first ratio divides the pooled medians. The second is the median of the per-round ratios: round r of sear.py
+against round r of TRL, which ran back to back under similar load.
 """
 import argparse
 import json
@@ -24,7 +24,7 @@ COMPLETIONS_PER_STEP = 64
 
 
 def load_runs(results):
-    """{(config, round): data} of the finished runs, and {run name: [1-minute load average at start, at end]}."""
+    """Return {(config, round): data} of the finished runs and {run name: [1-minute load at start, at end]}."""
     runs = {}
     for folder in sorted(Path(results).iterdir()):
         round_, _, name = folder.name.partition("-")
@@ -42,7 +42,7 @@ def load_runs(results):
 
 
 def per_step(data, warmup):
-    """Kept steps of one run: dict of equal-length lists."""
+    """Return the per-step figures of one run after the warm-up, as a dict of equal-length lists."""
     is_sear = data["tool"] == "sear"
     step = data["t_step"] if is_sear else data["step_seconds"]
     gen = data["t_rollout"] if is_sear else data["generate_seconds"]
@@ -60,11 +60,11 @@ def fmt(x, digits=2):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("results")
-    p.add_argument("--warmup", type=int, default=2, help="first steps of each run left out")
-    p.add_argument("--rounds", default="", help="comma-separated rounds to keep (default: all)")
-    args = p.parse_args(argv)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("results")
+    parser.add_argument("--warmup", type=int, default=2, help="number of first steps of each run to leave out")
+    parser.add_argument("--rounds", default="", help="comma-separated rounds to keep (default: all)")
+    args = parser.parse_args(argv)
     runs, loads = load_runs(args.results)
     if args.rounds:
         keep = {int(r) for r in args.rounds.split(",")}
@@ -77,7 +77,8 @@ def main(argv=None):
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for (name, rnd), data in sorted(runs.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         s = steps[(name, rnd)]
-        loop = (med(data["step_seconds"][args.warmup:-1]) if data["tool"] == "sear" else None)
+        loop_steps = data["step_seconds"][args.warmup:-1] if data["tool"] == "sear" else []
+        loop = med(loop_steps) if loop_steps else None
         load = " / ".join(f"{x:.1f}" for x in loads.get(f"{rnd}-{name}", [])) or "-"
         print(f"| {rnd}-{name} | {load} | {fmt(med(s['step']))} | {fmt(loop)} | "
               f"{fmt(med(s['gen']))} | {fmt(med(s['rest']))} | {fmt(med(s['ms_decode']), 1)} | "

@@ -8,9 +8,9 @@ of sear.py: install it in a separate virtual environment (see bench/README.md) a
 What it sets up to match `sear.py train --credit outcome` with its defaults:
   - policy and frozen reference: data/tiny-warmstart in float32 on the CPU, 2 torch threads;
   - prompts: the `train` split of data/prompts.jsonl, loaded and length-checked by sear.py's own functions, in
-    the order sear.py's data shuffle (random.Random(seed)) visits them, so step k sees the same 8 prompts in both;
-    given as conversations with sear.SYSTEM_PROMPT, so the chat template renders the token ids that
-    sear.format_prompt gives (checked at start-up);
+    the order that sear.py's data shuffle (random.Random(seed)) visits them, so step k gets the same 8 prompts
+    in both. They are given as conversations with sear.SYSTEM_PROMPT, so the chat template renders the token
+    ids that sear.format_prompt gives (checked at start-up);
   - 8 prompts x 8 completions = 64 completions per step, 160 new tokens at most, temperature 1.0, top_k 0,
     top_p 1.0, beta 0.04 (k3 KL), clip 0.2, lr 5e-4 constant, AdamW without weight decay, gradient-norm clip 1.0;
   - one optimizer step per rollout batch: per_device_train_batch_size 16 x gradient_accumulation_steps 4 = 64
@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def rss_now_mb():
-    """Current resident set size of this process in MiB, from /proc (Linux)."""
+    """Return the current resident set size of this process in MiB, read from /proc (Linux only)."""
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
@@ -46,25 +46,28 @@ def rss_now_mb():
 
 
 def peak_rss_mb():
+    """Return the peak resident set size of this process so far, in MiB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024       # Linux reports KiB
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, help="folder for result.json and TRL's output_dir")
-    p.add_argument("--sear-dir", default=str(ROOT), help="folder holding sear.py and data/ (default: this repository)")
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--prompts-per-step", type=int, default=8)
-    p.add_argument("--group-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=160)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--beta", type=float, default=0.04)
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--micro-batch", type=int, default=16,
-                   help="per_device_train_batch_size; gradient accumulation makes up prompts-per-step x group-size")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    return p.parse_args(argv)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="folder for result.json and TRL's output_dir")
+    parser.add_argument("--sear-dir", default=str(ROOT),
+                        help="folder containing sear.py and data/ (default: this repository)")
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--prompts-per-step", type=int, default=8)
+    parser.add_argument("--group-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=160)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--beta", type=float, default=0.04)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--micro-batch", type=int, default=16,
+                        help="per_device_train_batch_size. Gradient accumulation makes up the rest of "
+                             "prompts-per-step x group-size completions")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
 
 
 def main(argv=None):
@@ -101,7 +104,8 @@ def main(argv=None):
         got = tokenizer.apply_chat_template(conversation(r["prompt"]), add_generation_prompt=True, tokenize=True,
                                             return_dict=True)["input_ids"]
         if want != got or prefix:
-            raise SystemExit(f"prompt token ids differ from sear.format_prompt's for {r['prompt']!r}")
+            raise SystemExit(f"prompt token ids differ from sear.format_prompt's, or the template opens the "
+                             f"assistant turn itself (unsupported here), for {r['prompt']!r}")
     dataset = Dataset.from_list([{"prompt": conversation(r["prompt"]), "raw_prompt": r["prompt"],
                                   "label": r["label"]} for r in rows])
 
@@ -109,10 +113,10 @@ def main(argv=None):
     generate_seconds = []
     untimed_generate = model.generate
 
-    def timed_generate(*a, **kw):            # TRL calls the policy's own generate; time it as sear.py's t_rollout
+    def timed_generate(*positional, **keyword):    # TRL's generate calls: the counterpart of sear.py's t_rollout
         t0 = time.perf_counter()
         try:
-            return untimed_generate(*a, **kw)
+            return untimed_generate(*positional, **keyword)
         finally:
             generate_seconds.append(time.perf_counter() - t0)
 
@@ -122,7 +126,7 @@ def main(argv=None):
     reward_seconds = []
 
     def sear_outcome_reward(prompts, completions, completion_ids, raw_prompt, label, **kwargs):
-        """sum_k r_k + r_A per completion, from sear's keyword judge, decoded and segmented as sear.py does."""
+        """Return sum_k r_k + r_A per completion from sear's keyword judge, decoding and segmenting as sear.py does."""
         t0 = time.perf_counter()
         segs = []
         for ids in completion_ids:

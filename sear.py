@@ -271,6 +271,29 @@ def load_local_table(path, builder, json_field=None):
     return table
 
 
+def load_table(source, split=None):
+    """Read a local .jsonl/.json/.csv/.parquet file (checked first) or a hub dataset's split (default "train").
+
+    Returns (table, json_field), where json_field names the list read from a .json file whose top level is an
+    object, else None. A file or id that cannot be read is an InputError naming it and the fix.
+    """
+    import datasets
+
+    datasets.disable_progress_bars()
+    path = Path(source)
+    if path.exists():
+        builder = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(path.suffix.lower())
+        if builder is None:
+            raise InputError(f"{source}: unsupported file type {path.suffix!r}; use .jsonl, .json, .csv or .parquet")
+        json_field = check_local_file(path) if builder != "parquet" else None
+        return load_local_table(path, builder, json_field), json_field
+    try:
+        return datasets.load_dataset(source, split=split or "train"), None
+    except Exception as error:  # datasets raises many types for a missing or unreachable dataset
+        raise InputError(f"{source}: not a local file and could not be loaded from the hub "
+                         f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); check the path or id")
+
+
 def load_prompts(source, prompt_field="prompt", label_field="label", split=None, limit=None):
     """Load labelled prompts through `datasets`.
 
@@ -284,24 +307,10 @@ def load_prompts(source, prompt_field="prompt", label_field="label", split=None,
     but is a JailbreakBench artifact, every row is harmful; rows whose prompt field is null are skipped and
     counted there.
     """
-    import datasets
-
-    datasets.disable_progress_bars()
-    path = Path(source)
-    json_field, default_label = None, None
-    if path.exists():
-        builder = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(path.suffix.lower())
-        if builder is None:
-            raise InputError(f"{source}: unsupported file type {path.suffix!r}; use .jsonl, .json, .csv or .parquet")
-        json_field = check_local_file(path) if builder != "parquet" else None
-        table = load_local_table(path, builder, json_field)
-    else:
-        try:
-            table = datasets.load_dataset(source, split=split or "train")
-        except Exception as error:  # datasets raises many types for a missing or unreachable dataset
-            raise InputError(f"{source}: not a local file and could not be loaded from the hub "
-                             f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); check the path or id")
-        split = None
+    table, json_field = load_table(source, split)
+    default_label = None
+    if not Path(source).exists():
+        split = None                        # the hub split was already selected by load_table
     if json_field == "jailbreaks" and label_field not in table.column_names:
         default_label = "harmful"
 
@@ -1590,9 +1599,14 @@ def token_logprobs(model, input_ids, attention_mask, chunk_size=1024, with_entro
 
 
 def eos_token_ids(model, tokenizer):
-    """Every id that ends a completion: the generation config's (one or a list) and the tokenizer's."""
-    ids = model.generation_config.eos_token_id
-    ids = set(ids if isinstance(ids, (list, tuple)) else [ids] if ids is not None else [])
+    """Collect every id that ends a completion: the generation config's (one or a list) and the tokenizer's."""
+    configured = model.generation_config.eos_token_id
+    if configured is None:
+        ids = set()
+    elif isinstance(configured, (list, tuple)):
+        ids = set(configured)
+    else:
+        ids = {configured}
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
     return sorted(ids)
@@ -2987,22 +3001,7 @@ def load_pairs(source, prompt_field, response_field, label_field):
     is normalised when the label column exists; without labels, harm is scored as if every prompt were harmful,
     so that it measures how far the response engages with the request.
     """
-    import datasets
-
-    datasets.disable_progress_bars()
-    path = Path(source)
-    if path.exists():
-        builder = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(path.suffix.lower())
-        if builder is None:
-            raise InputError(f"{source}: unsupported file type {path.suffix!r}; use .jsonl, .json, .csv or .parquet")
-        json_field = check_local_file(path) if builder != "parquet" else None
-        table = load_local_table(path, builder, json_field)
-    else:
-        try:
-            table = datasets.load_dataset(source, split="train")
-        except Exception as error:  # datasets raises many types for a missing or unreachable dataset
-            raise InputError(f"{source}: not a local file and could not be loaded from the hub "
-                             f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); check the path or id")
+    table, _ = load_table(source, None)
     for field_name in (prompt_field, response_field):
         if field_name not in table.column_names:
             raise InputError(f"{source}: missing field {field_name!r} (columns: {table.column_names}); name it with "

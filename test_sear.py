@@ -401,7 +401,7 @@ def test_completion_mask_pad_equal_to_eos():
 
 
 def test_secondary_end_of_turn_is_complete(tokenizer):
-    end_of_text = tokenizer.convert_tokens_to_ids("<|pad|>")     # stands in for a second EOS id
+    end_of_text = tokenizer.convert_tokens_to_ids("<|pad|>")     # used as a second EOS id
     body = tokenizer("<think>a</think>b", add_special_tokens=False)["input_ids"]
     ids = torch.tensor([body + [end_of_text, tokenizer.pad_token_id]])
     eos = [tokenizer.eos_token_id, end_of_text]

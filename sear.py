@@ -1557,22 +1557,28 @@ def position_ids_from_mask(attention_mask):
 
 
 def token_logprobs(model, input_ids, attention_mask, chunk_size=1024, with_entropy=False,
-                   max_logits_bytes=256 * 2**20):
-    """(B, T-1) log-probabilities of input_ids[:, 1:] under `model` (temperature 1).
+                   max_logits_bytes=256 * 2**20, start=1):
+    """(B, T-start) log-probabilities of input_ids[:, start:] under `model` (temperature 1).
 
-    When the full (B, T, vocab) float32 logits would exceed `max_logits_bytes`, the vocabulary projection and
-    log-softmax run over chunks of `chunk_size` positions, and under autograd each chunk is recomputed in the
-    backward pass, so no such tensor is ever held. Small batches skip the recomputation, which would cost more
-    than it saves. Positions come from the attention mask, so left-padded rows see the same positions as during
-    generation. With `with_entropy`, also returns the (B, T-1) entropy of each next-token distribution (no
-    gradient).
+    The transformer runs over every column (the prompt is context), but the vocabulary projection, which costs
+    more than the rest of a small model, runs only on the positions that predict input_ids[:, start:]: pass the
+    completion's first column as `start` to skip the prompt and its padding. When those (B, T-start, vocab)
+    float32 logits would exceed `max_logits_bytes`, the projection and log-softmax run over chunks of
+    `chunk_size` positions, and under autograd each chunk is recomputed in the backward pass, so no such tensor
+    is ever held. Small batches skip the recomputation, which would cost more than it saves. Positions come from
+    the attention mask, so left-padded rows see the same positions as during generation. With `with_entropy`,
+    also returns the (B, T-start) entropy of each next-token distribution (no gradient), taken from the same
+    log-softmax.
     """
+    if not 1 <= start < input_ids.shape[1]:
+        raise ValueError(f"start must be in [1, {input_ids.shape[1] - 1}] for {input_ids.shape[1]} columns, "
+                         f"got {start}")
     base = getattr(model, model.base_model_prefix)
     head = model.get_output_embeddings()
     hidden = base(input_ids=input_ids, attention_mask=attention_mask,
                   position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
-    hidden = hidden[:, :-1]                        # (B, T-1, H): position t predicts token t+1
-    targets = input_ids[:, 1:]                     # (B, T-1)
+    hidden = hidden[:, start - 1:-1]               # (B, T-start, H): position t predicts token t+1
+    targets = input_ids[:, start:]                 # (B, T-start)
     scale = getattr(model.config, "logit_scale", None)   # NOTE: models with final logit soft-capping are unsupported
     if hidden.shape[0] * hidden.shape[1] * head.out_features * 4 <= max_logits_bytes:
         chunk_size = hidden.shape[1]
@@ -1581,21 +1587,24 @@ def token_logprobs(model, input_ids, attention_mask, chunk_size=1024, with_entro
         logits = head(h).float()                   # (B, c, V)
         if scale:
             logits = logits * scale
-        return logits.log_softmax(-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)   # (B, c)
+        logp_all = logits.log_softmax(-1)          # (B, c, V)
+        logp = logp_all.gather(-1, y.unsqueeze(-1)).squeeze(-1)   # (B, c)
+        if not with_entropy:
+            return logp
+        with torch.no_grad():
+            entropy = -(logp_all.exp() * logp_all).sum(-1)        # (B, c)
+        return logp, entropy
 
-    logps, entropies = [], []
+    pieces = []
     for t0 in range(0, hidden.shape[1], chunk_size):
         h, y = hidden[:, t0:t0 + chunk_size], targets[:, t0:t0 + chunk_size]
         if torch.is_grad_enabled() and h.requires_grad and chunk_size < hidden.shape[1]:
-            logps.append(torch.utils.checkpoint.checkpoint(chunk_logprobs, h, y, use_reentrant=False))
+            pieces.append(torch.utils.checkpoint.checkpoint(chunk_logprobs, h, y, use_reentrant=False))
         else:
-            logps.append(chunk_logprobs(h, y))
-        if with_entropy:
-            with torch.no_grad():
-                lp = head(h.detach()).float().log_softmax(-1)
-                entropies.append(-(lp.exp() * lp).sum(-1))
-    logp = torch.cat(logps, dim=1)
-    return (logp, torch.cat(entropies, dim=1)) if with_entropy else logp
+            pieces.append(chunk_logprobs(h, y))
+    if not with_entropy:
+        return torch.cat(pieces, dim=1)
+    return torch.cat([p[0] for p in pieces], dim=1), torch.cat([p[1] for p in pieces], dim=1)
 
 
 def eos_token_ids(model, tokenizer):
@@ -1947,7 +1956,7 @@ def score_micro_batches(model, batch, micro, autocast):
     with torch.inference_mode(), autocast:
         for rows in micro:
             ids, attention, start, _ = slice_rows(batch, rows)
-            out.append(token_logprobs(model, ids, attention)[:, start - 1:].float())    # (b, right)
+            out.append(token_logprobs(model, ids, attention, start=start).float())    # (b, right)
     return out
 
 
@@ -1966,8 +1975,8 @@ def backward_micro_batches(model, batch, advantages, micro, n_tokens, cfg, autoc
     for m, rows in enumerate(micro):
         ids, attention, start, right = slice_rows(batch, rows)
         with autocast:
-            logp, entropy = policy_logprobs(model, ddp, ids, attention, sync=m == len(micro) - 1)
-        logp, entropy = logp[:, start - 1:].float(), entropy[:, start - 1:]                    # (b, right)
+            logp, entropy = policy_logprobs(model, ddp, ids, attention, start, sync=m == len(micro) - 1)
+        logp = logp.float()                                                                    # (b, right)
         rows_mask = mask[rows, :right].to(logp.device)
         old = old_logps[m] if old_logps is not None else logp.detach()
         loss, stats = policy_loss(logp, old, advantages[rows, :right], rows_mask, n_tokens, cfg.clip_eps, cfg.beta,
@@ -2495,8 +2504,8 @@ class TokenLogprobs(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask):
-        return token_logprobs(self.model, input_ids, attention_mask, with_entropy=True)
+    def forward(self, input_ids, attention_mask, start):
+        return token_logprobs(self.model, input_ids, attention_mask, with_entropy=True, start=start)
 
 
 def wrap_ddp(model, world, device):
@@ -2511,8 +2520,8 @@ def wrap_ddp(model, world, device):
                                                      device_ids=[device.index] if device.type == "cuda" else None)
 
 
-def policy_logprobs(model, ddp, ids, attention, sync):
-    """token_logprobs(model, ids, attention, with_entropy=True), through `ddp` when it is not None.
+def policy_logprobs(model, ddp, ids, attention, start, sync):
+    """token_logprobs(model, ids, attention, with_entropy=True, start=start), through `ddp` when it is not None.
 
     `sync` marks the last micro-batch of an optimizer step: its backward pass all-reduces the gradients
     accumulated over all of the step's micro-batches. DDP decides this at the forward pass (torch's no_sync
@@ -2521,11 +2530,11 @@ def policy_logprobs(model, ddp, ids, attention, sync):
     micro-batches can differ from other ranks' because micro-batches are packed by token budget.
     """
     if ddp is None:
-        return token_logprobs(model, ids, attention, with_entropy=True)
+        return token_logprobs(model, ids, attention, with_entropy=True, start=start)
     if sync:
-        return ddp(ids, attention)
+        return ddp(ids, attention, start)
     with ddp.no_sync():
-        return ddp(ids, attention)
+        return ddp(ids, attention, start)
 
 
 def all_reduce_sums(sums, world, device):

@@ -439,6 +439,42 @@ def test_token_logprobs_gradient_matches_plain(tiny_model_dir):
         assert torch.allclose(a, p.grad, atol=1e-5)
 
 
+def test_token_logprobs_start_skips_prompt_columns(tiny_model_dir):
+    # start=k returns the log-probs of ids[:, k:] only, equal to the same columns of the full computation
+    model, _ = sear.load_policy(str(tiny_model_dir), torch.device("cpu"))
+    ids = torch.randint(3, 300, (3, 12))
+    attention = torch.ones_like(ids)
+    attention[2, :3] = 0
+    with torch.no_grad():
+        full = sear.token_logprobs(model, ids, attention)
+        tail = sear.token_logprobs(model, ids, attention, start=7)
+        chunked = sear.token_logprobs(model, ids, attention, start=7, chunk_size=2, max_logits_bytes=0)
+    assert tail.shape == (3, 5)
+    assert torch.allclose(tail, full[:, 6:], atol=1e-6)
+    assert torch.allclose(chunked, full[:, 6:], atol=1e-6)
+
+
+def test_token_logprobs_entropy_matches_plain(tiny_model_dir):
+    model, _ = sear.load_policy(str(tiny_model_dir), torch.device("cpu"))
+    ids = torch.randint(3, 300, (2, 10))
+    attention = torch.ones_like(ids)
+    logp, entropy = sear.token_logprobs(model, ids, attention, with_entropy=True, start=4, chunk_size=3,
+                                        max_logits_bytes=0)
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=attention).logits.float()[:, 3:-1]
+        plain = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+    assert logp.requires_grad
+    assert not entropy.requires_grad
+    assert torch.allclose(entropy, plain, atol=1e-5)
+
+
+def test_token_logprobs_rejects_start_outside_sequence(tiny_model_dir):
+    model, _ = sear.load_policy(str(tiny_model_dir), torch.device("cpu"))
+    ids = torch.randint(3, 300, (1, 5))
+    with pytest.raises(ValueError, match="start must be in"):
+        sear.token_logprobs(model, ids, torch.ones_like(ids), start=5)
+
+
 def test_rollout_logprobs_match_generation_scores(tiny_model_dir, tokenizer):
     # generate's scores at temperature 1 are the policy's log-probs; left-padded rows must agree with ours
     model, tok = sear.load_policy(str(tiny_model_dir), torch.device("cpu"))

@@ -1588,11 +1588,12 @@ def token_logprobs(model, input_ids, attention_mask, chunk_size=1024, with_entro
         if scale:
             logits = logits * scale
         logp_all = logits.log_softmax(-1)          # (B, c, V)
+        del logits                                 # at most two (B, c, V) tensors live at once
         logp = logp_all.gather(-1, y.unsqueeze(-1)).squeeze(-1)   # (B, c)
         if not with_entropy:
             return logp
         with torch.no_grad():
-            entropy = -(logp_all.exp() * logp_all).sum(-1)        # (B, c)
+            entropy = -logp_all.exp().mul_(logp_all).sum(-1)      # (B, c)
         return logp, entropy
 
     pieces = []

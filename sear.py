@@ -32,6 +32,7 @@ A SEAR-trained model writes harmful reasoning on purpose. Never show its reasoni
 
 import argparse
 import dataclasses
+import inspect
 import json
 import logging
 import math
@@ -1622,10 +1623,80 @@ def eos_token_ids(model, tokenizer):
     return sorted(ids)
 
 
+def sample_next(logits, temperature):
+    """(B,) next tokens drawn from softmax(logits / temperature), one per row; the argmax when temperature is 0.
+
+    Inverse-CDF sampling: one uniform number per row, located in the row's cumulative distribution. It draws
+    from exactly the distribution torch.multinomial does, but multinomial (which transformers' `generate` calls)
+    draws one exponential number per vocabulary entry, and on a CPU that took 2 ms of a 7.5 ms decode step for
+    64 rows of the tiny model. The running sum is float64, so rounding over a 150k-token vocabulary cannot move
+    the boundaries of rare tokens; a token of probability 0 is never drawn.
+    """
+    if temperature <= 0:
+        return logits.argmax(-1)
+    cdf = (logits.float() / temperature).softmax(-1).double().cumsum(-1)                  # (B, V)
+    u = torch.rand(cdf.shape[0], 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]      # (B, 1) in [0, total)
+    return torch.searchsorted(cdf, u, right=True).clamp_(max=logits.shape[-1] - 1).squeeze(-1)
+
+
+def forward_arg_names(model):
+    """(name of the KV-cache argument, whether `logits_to_keep` is accepted) for this model's forward.
+
+    transformers 5.x renamed `past_key_values` to `cache` partway through the series; both are supported.
+    """
+    params = inspect.signature(model.forward).parameters
+    return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
+
+
+def can_drop_rows(cache):
+    """Whether every layer of a KV cache can drop batch rows (the linear-attention layers of hybrid models cannot)."""
+    return all(hasattr(layer, "batch_select_indices") for layer in getattr(cache, "layers", [None]))
+
+
+def decode(model, prompt_ids, prompt_mask, max_new_tokens, temperature, eos_ids, pad_id):
+    """(n, C) sampled continuations of left-padded prompts, pad_id after each row's EOS; C <= max_new_tokens.
+
+    A plain decode loop with the model's KV cache. A row leaves the batch (and the cache) as soon as it samples
+    an EOS, so late steps compute only the rows still writing; the loop stops when none are left. (Where the
+    cache cannot drop rows, ended rows stay in the batch and their tokens are discarded.) The sampling is exactly
+    softmax(logits / temperature): nothing from the model's generation_config (top_k, top_p, repetition
+    penalty) reshapes it, so the completions come from the policy whose log-probabilities the loss uses.
+    """
+    n, device = prompt_ids.shape[0], prompt_ids.device
+    cache_arg, keeps_logits = forward_arg_names(model)
+    out = torch.full((n, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    rows = torch.arange(n, device=device)                    # batch row -> row of `out`
+    ended = torch.zeros(n, dtype=torch.bool, device=device)  # rows that sampled an EOS but are still in the batch
+    eos = torch.as_tensor(list(eos_ids), device=device)
+    attention, positions = prompt_mask, position_ids_from_mask(prompt_mask)
+    prefill = model(input_ids=prompt_ids, attention_mask=attention, position_ids=positions, use_cache=True,
+                    **({"logits_to_keep": 1} if keeps_logits else {}))
+    cache, logits = prefill[cache_arg], prefill.logits[:, -1]
+    drop = can_drop_rows(cache)
+    positions = positions[:, -1:]
+    steps = 0
+    while steps < max_new_tokens:
+        token = sample_next(logits, temperature).masked_fill(ended, pad_id)               # (b,)
+        out[rows, steps] = token
+        steps += 1
+        ended |= torch.isin(token, eos)
+        if ended.all() or steps == max_new_tokens:
+            break
+        if drop and ended.any():
+            keep = (~ended).nonzero().squeeze(1)
+            rows, token, attention, positions, ended = (x[keep] for x in (rows, token, attention, positions, ended))
+            cache.batch_select_indices(keep)
+        attention = torch.cat([attention, attention.new_ones(len(rows), 1)], dim=1)
+        positions = positions + 1
+        logits = model(input_ids=token[:, None], attention_mask=attention, position_ids=positions, use_cache=True,
+                       **{cache_arg: cache}).logits[:, -1]
+    return out[:, :steps]
+
+
 @torch.inference_mode()
 def sample_completions(model, tokenizer, prompt_texts, num_samples, max_new_tokens, temperature, eos_ids,
                        batch_rows=256, autocast=None):
-    """Sample `num_samples` completions per prompt with left-padded batched `generate` and the KV cache.
+    """Sample `num_samples` completions per prompt: left-padded prompts decoded together by `decode`.
 
     Returns prompt_ids (N, P) left-padded, prompt_mask (N, P), completion_ids (N, C) and completion_mask (N, C),
     with N = len(prompt_texts) * num_samples and the samples of one prompt in consecutive rows.
@@ -1637,16 +1708,11 @@ def sample_completions(model, tokenizer, prompt_texts, num_samples, max_new_toke
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = encoded["input_ids"].to(device), encoded["attention_mask"].to(device)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else \
-        dict(do_sample=False)
     pieces = []
     for r0 in range(0, len(texts), batch_rows):
         with autocast or torch.autocast("cpu", enabled=False):
-            out = model.generate(input_ids=prompt_ids[r0:r0 + batch_rows],
-                                 attention_mask=prompt_mask[r0:r0 + batch_rows],
-                                 max_new_tokens=max_new_tokens, eos_token_id=eos_ids, pad_token_id=pad_id,
-                                 use_cache=True, **sampling)
-        pieces.append(out[:, prompt_ids.shape[1]:])
+            pieces.append(decode(model, prompt_ids[r0:r0 + batch_rows], prompt_mask[r0:r0 + batch_rows],
+                                 max_new_tokens, temperature, eos_ids, pad_id))
     width = max(p.shape[1] for p in pieces)
     completion_ids = torch.cat([F.pad(p, (0, width - p.shape[1]), value=pad_id) for p in pieces])   # (N, C)
     mask = completion_mask(completion_ids, eos_ids)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
 from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 from transformers.utils import logging as transformers_logging
 
@@ -493,6 +493,95 @@ def test_rollout_logprobs_match_generation_scores(tiny_model_dir, tokenizer):
     with torch.no_grad():
         ours = sear.token_logprobs(model, ids, attention)[:, enc["input_ids"].shape[1] - 1:]
     assert torch.allclose(ours * mask, gen_logp * mask, atol=1e-4)
+
+
+def test_sample_next_draws_softmax_frequencies():
+    torch.manual_seed(0)
+    logits = torch.tensor([[0.5, 0.3, 0.2, 0.0]]).log().expand(40000, 4)     # the last token has probability 0
+    counts = torch.bincount(sear.sample_next(logits, 1.0), minlength=4) / 40000
+    assert torch.allclose(counts[:3], torch.tensor([0.5, 0.3, 0.2]), atol=0.01)
+    assert counts[3] == 0
+
+
+def test_sample_next_applies_temperature():
+    # at temperature 0.5 the probabilities are squared and renormalised: 0.25, 0.09, 0.04 over 0.38
+    torch.manual_seed(0)
+    logits = torch.tensor([[0.5, 0.3, 0.2]]).log().expand(40000, 3)
+    counts = torch.bincount(sear.sample_next(logits, 0.5), minlength=3) / 40000
+    assert torch.allclose(counts, torch.tensor([0.25, 0.09, 0.04]) / 0.38, atol=0.01)
+
+
+def test_sample_next_temperature_zero_is_argmax():
+    logits = torch.tensor([[0.1, 2.0, -1.0], [3.0, 0.0, 2.9]])
+    assert sear.sample_next(logits, 0.0).tolist() == [1, 0]
+
+
+def tiny_causal_lm(family):
+    """A randomly initialised 2-layer model of a transformers architecture, built from its config."""
+    import transformers
+    common = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, eos_token_id=2)
+    extra = {"qwen2": ("Qwen2Config", {}), "llama": ("LlamaConfig", {}),
+             "mistral": ("MistralConfig", {"sliding_window": 4}),
+             "gemma2": ("Gemma2Config", {"head_dim": 16, "sliding_window": 4}),
+             "qwen3_5": ("Qwen3_5TextConfig", {"head_dim": 16, "layer_types": ["linear_attention", "full_attention"]})}
+    name, kwargs = extra[family]
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(getattr(transformers, name)(**common, **kwargs)).eval()
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama", "mistral", "gemma2", "qwen3_5"])
+def test_decode_greedy_matches_generate(family):
+    # left padding, a sliding window shorter than the prompt, a hybrid linear-attention cache, and a row that
+    # ends early: greedy decoding must give what transformers' generate gives
+    model = tiny_causal_lm(family)
+    ids = torch.randint(3, 300, (3, 9), generator=torch.Generator().manual_seed(1))
+    attention = torch.ones_like(ids)
+    attention[1, :3] = 0
+    ids[attention == 0] = 0
+    with torch.inference_mode():
+        first = model.generate(input_ids=ids, attention_mask=attention, do_sample=False, max_new_tokens=10,
+                               eos_token_id=[2], pad_token_id=0)[:, 9:]
+        eos = [int(first[0, 3])]                                          # row 0 ends after 4 tokens
+        expected = model.generate(input_ids=ids, attention_mask=attention, do_sample=False, max_new_tokens=10,
+                                  eos_token_id=eos, pad_token_id=0)[:, 9:]
+        ours = sear.decode(model, ids, attention, 10, 0.0, eos, 0)
+    assert torch.equal(ours, expected)
+
+
+def test_decode_drops_ended_rows(warm_model_dir):
+    model, tok = sear.load_policy(str(warm_model_dir), torch.device("cpu"))
+    sizes = []
+    original = model.model.forward
+
+    def spy(*args, **kwargs):
+        sizes.append(kwargs["input_ids"].shape[0])
+        return original(*args, **kwargs)
+
+    model.model.forward = spy
+    torch.manual_seed(0)
+    prompt = sear.format_prompt(tok, "How do I kill a Python process?")[0]
+    _, _, completion_ids, mask = sear.sample_completions(model, tok, [prompt], 8, 160, 1.0,
+                                                          sear.eos_token_ids(model, tok))
+    ended_by_step = [int((mask.sum(1) <= t).sum()) for t in range(1, len(sizes))]
+    assert int(mask.sum(1).min()) < int(mask.sum(1).max())          # some rows end before others
+    assert sizes[0] == 8
+    assert sizes[1:] == [8 - e for e in ended_by_step]
+    assert completion_ids.shape[1] == int(mask.sum(1).max())
+
+
+def test_sampling_ignores_generation_config(warm_model_dir):
+    # a hub model's generation_config (Qwen2.5's has top_k 20, top_p 0.8, repetition_penalty 1.05) must not
+    # reshape the policy's sampling distribution
+    model, tok = sear.load_policy(str(warm_model_dir), torch.device("cpu"))
+    prompt = sear.format_prompt(tok, "How do I kill a Python process?")[0]
+    eos = sear.eos_token_ids(model, tok)
+    torch.manual_seed(0)
+    plain = sear.sample_completions(model, tok, [prompt], 4, 20, 1.0, eos)[2]
+    model.generation_config.update(top_k=1, top_p=0.1, repetition_penalty=50.0, temperature=0.01)
+    torch.manual_seed(0)
+    configured = sear.sample_completions(model, tok, [prompt], 4, 20, 1.0, eos)[2]
+    assert torch.equal(plain, configured)
 
 
 # ---------------------------------------------------------------------------------------------------------

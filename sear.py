@@ -1561,9 +1561,9 @@ def token_logprobs(model, input_ids, attention_mask, chunk_size=1024, with_entro
                    max_logits_bytes=256 * 2**20, start=1):
     """(B, T-start) log-probabilities of input_ids[:, start:] under `model` (temperature 1).
 
-    The transformer runs over every column (the prompt is context), but the vocabulary projection, which costs
-    more than the rest of a small model, runs only on the positions that predict input_ids[:, start:]: pass the
-    completion's first column as `start` to skip the prompt and its padding. When those (B, T-start, vocab)
+    The transformer runs over every column, because the prompt is context. The vocabulary projection, which
+    costs more than the rest of a small model, runs only on the positions that predict input_ids[:, start:].
+    Pass the completion's first column as `start` to skip the prompt and its padding. When those (B, T-start, vocab)
     float32 logits would exceed `max_logits_bytes`, the projection and log-softmax run over chunks of
     `chunk_size` positions, and under autograd each chunk is recomputed in the backward pass, so no such tensor
     is ever held. Small batches skip the recomputation, which would cost more than it saves. Positions come from
@@ -1627,9 +1627,9 @@ def sample_next(logits, temperature):
     """(B,) next tokens drawn from softmax(logits / temperature), one per row; the argmax when temperature is 0.
 
     Inverse-CDF sampling: one uniform number per row, located in the row's cumulative distribution. It draws
-    from exactly the distribution torch.multinomial does, but multinomial (which transformers' `generate` calls)
-    draws one exponential number per vocabulary entry, and on a CPU that took 2 ms of a 7.5 ms decode step for
-    64 rows of the tiny model. The running sum stays float32: on a CPU, over a 151,936-token vocabulary, each
+    from exactly the distribution torch.multinomial does. Multinomial, which transformers' `generate` calls,
+    draws one exponential number per vocabulary entry instead: on a CPU that took 2 ms of a 7.5 ms decode step
+    for 64 rows of the tiny model. The running sum stays float32: on a CPU, over a 151,936-token vocabulary, each
     boundary was within 6e-8 of its float64 value. A token of probability 0 is never drawn.
     """
     if temperature <= 0:
@@ -1649,7 +1649,7 @@ def forward_arg_names(model):
 
 
 def can_drop_rows(cache):
-    """Whether every layer of a KV cache can drop batch rows (the linear-attention layers of hybrid models cannot)."""
+    """Return whether every layer of a KV cache can drop batch rows (linear-attention layers cannot)."""
     return all(hasattr(layer, "batch_select_indices") for layer in getattr(cache, "layers", [None]))
 
 
@@ -1657,7 +1657,7 @@ def decode(model, prompt_ids, prompt_mask, max_new_tokens, temperature, eos_ids,
     """(n, C) sampled continuations of left-padded prompts, pad_id after each row's EOS; C <= max_new_tokens.
 
     A plain decode loop with the model's KV cache. A row leaves the batch (and the cache) as soon as it samples
-    an EOS, so late steps compute only the rows still writing; the loop stops when none are left. (Where the
+    an EOS, so late steps compute only the rows still writing. The loop stops when no row is left. (Where the
     cache cannot drop rows, ended rows stay in the batch and their tokens are discarded.) The sampling is exactly
     softmax(logits / temperature): nothing from the model's generation_config (top_k, top_p, repetition
     penalty) reshapes it, so the completions come from the policy whose log-probabilities the loss uses.

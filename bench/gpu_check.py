@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import sear  # noqa: E402
 
 SHAPES = {
-    # the sizes in Qwen/Qwen2.5-1.5B-Instruct's config.json
+    # the sizes published in Qwen/Qwen2.5-1.5B-Instruct's config.json
     "qwen2.5-1.5b": dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                          num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
                          rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True),
@@ -52,7 +52,7 @@ def peak_mib(device):
 
 
 def random_prompts(n_prompts, samples, length, device, generator):
-    """Left-padded random prompts, one of each `samples` rows, with lengths from length/2 to length."""
+    """Make left-padded random prompts, each repeated `samples` times, of length/2 to `length` tokens."""
     lengths = torch.randint(length // 2, length + 1, (n_prompts,), generator=generator).repeat_interleave(samples)
     ids = torch.randint(3, 1000, (len(lengths), length), generator=generator)
     mask = (torch.arange(length)[None, :] >= (length - lengths)[:, None]).long()

@@ -2707,9 +2707,6 @@ def train(cfg):
     if cfg.resume:
         cfg = load_resume_config(cfg)
     out = Path(cfg.out or HERE / "runs" / "sear")
-    if not cfg.resume and out.exists() and any(out.iterdir()) and not cfg.overwrite:
-        raise InputError(f"run folder {out} already exists; pass --overwrite to write into it, --resume {out} to "
-                         f"continue it, or choose another --out")
     rank, world, device = setup_distributed(cfg)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -2722,6 +2719,9 @@ def train(cfg):
                                                      eval_split or None, cfg.eval_limit or None)
     if not rows:
         raise InputError(f"{cfg.data}: no training prompts (split {split!r}); check --split and --data")
+    if not cfg.resume and out.exists() and any(out.iterdir()) and not cfg.overwrite:
+        raise InputError(f"run folder {out} already exists; pass --overwrite to write into it, --resume {out} to "
+                         f"continue it, or choose another --out")
     model_path = main_first(rank, world, resolve_model, cfg, device)
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     rows = check_prompt_lengths(rows, tokenizer, cfg.max_prompt_tokens, cfg.skip_long_prompts, cfg.data)

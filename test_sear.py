@@ -947,6 +947,19 @@ def test_existing_run_folder_needs_overwrite(tmp_path, tiny_model_dir, capsys):
     assert (out / "metrics.jsonl").read_text() == "keep me\n"
 
 
+def test_missing_data_reported_before_run_folder(tmp_path, tiny_model_dir, capsys):
+    # right after a run, a mistyped --data must be named, not the leftover run folder
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("keep me\n")
+    missing = tmp_path / "missing.jsonl"
+    code, line = run_cli_error(["train", "--data", str(missing), "--model", str(tiny_model_dir), "--out", str(out)],
+                               capsys)
+    assert code == 2
+    assert str(missing) in line
+    assert "--overwrite" not in line
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Completions of any shape are segmented and judged without error
 

@@ -1657,10 +1657,10 @@ def decode(model, prompt_ids, prompt_mask, max_new_tokens, temperature, eos_ids,
     """(n, C) sampled continuations of left-padded prompts, pad_id after each row's EOS; C <= max_new_tokens.
 
     A plain decode loop with the model's KV cache. A row leaves the batch (and the cache) as soon as it samples
-    an EOS, so late steps compute only the rows still writing. The loop stops when no row is left. (Where the
-    cache cannot drop rows, ended rows stay in the batch and their tokens are discarded.) The sampling is exactly
-    softmax(logits / temperature): nothing from the model's generation_config (top_k, top_p, repetition
-    penalty) reshapes it, so the completions come from the policy whose log-probabilities the loss uses.
+    an EOS, so late steps compute only the rows still writing. The loop stops when no row is left. Where the
+    cache cannot drop rows, ended rows stay in the batch and their tokens are discarded. The sampling is exactly
+    softmax(logits / temperature). The model's generation_config (top_k, top_p, repetition penalty) is never
+    read, so the completions come from the policy whose log-probabilities the loss uses.
     """
     n, device = prompt_ids.shape[0], prompt_ids.device
     cache_arg, keeps_logits = forward_arg_names(model)

@@ -18,13 +18,14 @@ The first step includes CUDA warm-up, so read the later ones.
 import argparse
 import copy
 import json
-import resource
 import sys
 import time
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, Qwen2Config
+
+from rss import peak_rss_mb
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import sear  # noqa: E402
@@ -48,7 +49,7 @@ def sync(device):
 def peak_mib(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_mb()
 
 
 def random_prompts(n_prompts, samples, length, device, generator):

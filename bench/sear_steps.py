@@ -18,20 +18,13 @@ step.
 """
 import json
 import os
-import resource
 import sys
 import time
 from pathlib import Path
 
+from rss import peak_rss_mb, rss_now_mb
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def rss_now_mb():
-    """Return the current resident set size of this process in MiB, read from /proc (Linux only)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def main(argv):
@@ -75,7 +68,7 @@ def main(argv):
         "step_seconds": walls, "step_cpu_seconds": cpus,
         "len_mean": [m["len_mean"] for m in metrics], "len_max": [m["len_max"] for m in metrics],
         "rss_at_train_begin_mb": rss_before[0] if rss_before else None,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mb": peak_rss_mb(),
         "peak_mem_mb_metrics": metrics[-1]["peak_mem_mb"],
     }
     (out / "bench.json").write_text(json.dumps(result, indent=1))

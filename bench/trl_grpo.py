@@ -29,25 +29,13 @@ import argparse
 import json
 import os
 import random
-import resource
 import sys
 import time
 from pathlib import Path
 
+from rss import peak_rss_mb, rss_now_mb
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def rss_now_mb():
-    """Return the current resident set size of this process in MiB, read from /proc (Linux only)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def peak_rss_mb():
-    """Return the peak resident set size of this process so far, in MiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024       # Linux reports KiB
 
 
 def parse_args(argv=None):
